@@ -1,0 +1,74 @@
+"""TP=2 in two processes over gloo gives TP=1's logits, and each rank holds only its shard."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as mp
+
+from models.engine_config import EngineConfig
+from models.runner import ModelRunner, StepBatch
+from models.tp import init_parallel, single_process
+from tests.checkpoints import write_hf_checkpoint
+
+pytest.importorskip("transformers")
+
+
+def _batch() -> StepBatch:
+    """Two sequences: a 21-token prefill and a 9-token one, block size 16."""
+    ids = list(range(5, 26)) + list(range(100, 109))
+    positions = list(range(21)) + list(range(9))
+    tables = [[4, 2], [7, 0]]
+    slots = [tables[0][p // 16] * 16 + p % 16 for p in range(21)]
+    slots += [tables[1][p // 16] * 16 + p % 16 for p in range(9)]
+    return StepBatch(ids, positions, slots, [21, 9], [21, 9], tables, [20, 29])
+
+
+def _rank_main(rank: int, port: int, config: EngineConfig, results: dict) -> None:
+    ctx = init_parallel(rank, 2, f"tcp://127.0.0.1:{port}", "cpu", timeout_s=60)
+    runner = ModelRunner(config, ctx)
+    shapes = {n: tuple(p.shape) for n, p in runner.model.named_parameters()}
+    numel = sum(p.numel() for p in runner.model.parameters())
+    if rank == 0:
+        logits = runner.execute(_batch())
+        results[rank] = (shapes, numel, logits.clone())
+        runner.shutdown()
+    else:
+        runner.serve_forever()
+        results[rank] = (shapes, numel, None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_tp2_matches_tp1_and_shards_weights(tmp_path: Path, tie: bool) -> None:
+    ckpt = write_hf_checkpoint(tmp_path / "ckpt", kv_heads=2, tie=tie, vocab_size=511)
+    single = ModelRunner(EngineConfig(model=str(ckpt), num_kv_blocks=16), single_process())
+    want = single.execute(_batch())
+    full_numel = sum(p.numel() for p in single.model.parameters())
+
+    config = EngineConfig(model=str(ckpt), tp_size=2, num_kv_blocks=16)
+    manager = mp.get_context("spawn").Manager()
+    results = manager.dict()
+    mp.start_processes(
+        _rank_main, args=(_free_port(), config, results), nprocs=2, start_method="spawn"
+    )
+    shapes0, numel0, got = results[0]
+    shapes1, numel1, _ = results[1]
+    assert (got - want).abs().max().item() <= 1e-4
+    # Each rank holds half of every sharded matrix (vocab 511 pads to 2 × 256 rows).
+    assert shapes0["layers.0.self_attn.qkv_proj.weight"] == (2 * 16 + 2 * 16, 64)
+    assert shapes0["layers.0.self_attn.o_proj.weight"] == (64, 32)
+    assert shapes0["layers.0.mlp.gate_up_proj.weight"] == (128, 64)
+    assert shapes0["layers.0.mlp.down_proj.weight"] == (64, 64)
+    assert shapes0["embed_tokens.weight"] == (256, 64)
+    assert shapes0 == shapes1
+    replicated = 64 * (1 + 2 * 2)  # final norm + two norms per layer
+    assert numel0 == numel1
+    assert numel0 - replicated <= (full_numel - replicated) // 2 + 64
