@@ -15,6 +15,7 @@ from torch import nn
 
 from models.attention import AttentionMetadata, paged_attention
 from models.config import ModelConfig
+from models.linear import Linear, linear
 from models.tp import ParallelContext, all_reduce, gather_vocab
 
 
@@ -67,8 +68,8 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads // tp.world_size
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.split = (q_size, kv_size, kv_size)
-        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split), bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+        self.qkv_proj = Linear(config.hidden_size, sum(self.split), bias=config.attention_bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
 
     def forward(
@@ -93,8 +94,8 @@ class MLP(nn.Module):
         super().__init__()
         self.tp = tp
         local = config.intermediate_size // tp.world_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * local, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(local, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * local, bias=config.mlp_bias)
+        self.down_proj = Linear(local, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -169,5 +170,5 @@ class LlamaModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Full-vocab float32 logits on rank 0 (None elsewhere)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head
-        local = F.linear(hidden, weight).float()
+        local = linear(hidden, weight).float()
         return gather_vocab(local, self.tp, self.config.vocab_size)
