@@ -1,0 +1,130 @@
+"""Tokenizer, chat templates, incremental detokenization and the default checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models.default_model import SHAPES, make_default
+from models.detokenizer import IncrementalDetokenizer
+from models.errors import InvalidRequestError
+from models.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir: Path) -> Tokenizer:
+    return Tokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_round_trip_and_special_tokens(tok: Tokenizer) -> None:
+    text = "Hello, wörld — 日本語 🚀 def f(x): return x"
+    assert tok.decode(tok.encode(text)) == text
+    assert 3 in tok.eos_token_ids and tok.bos_token_id == 0
+    assert tok.vocab_size == 2048
+
+
+def test_matches_hf_auto_tokenizer(tok: Tokenizer, tiny_model_dir: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 🙂"}]
+    assert tok.apply_chat_template(messages) == hf.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    assert tok.encode("The lighthouse keeper") == hf("The lighthouse keeper").input_ids
+
+
+def test_llama3_style_template_and_errors(tmp_path: Path, tiny_model_dir: Path) -> None:
+    for name in ("tokenizer.json", "config.json"):
+        (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
+    template = (
+        "{% set loop_messages = messages %}{{ bos_token }}"
+        "{% for message in loop_messages %}"
+        "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+        "{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
+        "{{ '<|im_start|>' + message['role'] + '\n\n' + message['content'] | trim + '<|im_end|>' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n\n' }}{% endif %}"
+    )
+    config = {
+        "bos_token": {"content": "<|begin_of_text|>"},
+        "eos_token": "<|im_end|>",
+        "chat_template": [{"name": "default", "template": template}],
+    }
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = Tokenizer.from_pretrained(tmp_path)
+    out = tok.apply_chat_template([{"role": "user", "content": " hi "}])
+    assert out == "<|begin_of_text|><|im_start|>user\n\nhi<|im_end|><|im_start|>assistant\n\n"
+    with pytest.raises(InvalidRequestError, match="unknown role tool") as err:
+        tok.apply_chat_template([{"role": "tool", "content": "x"}])
+    assert err.value.param == "messages"
+
+
+def _stream(
+    tok: Tokenizer, ids: list[int], stop: list[str]
+) -> tuple[list[str], IncrementalDetokenizer]:
+    detok = IncrementalDetokenizer(tok, [5, 6], stop)
+    pieces = []
+    for t in ids:
+        pieces.append(detok.push(t))
+        if detok.stopped:
+            break
+    pieces.append(detok.flush())
+    return pieces, detok
+
+
+def test_detokenizer_never_splits_characters(tok: Tokenizer) -> None:
+    text = "naïve café 日本語の文章 🚀🙂 done"
+    ids = tok.encode(text)
+    assert len(ids) > len(text.split())  # multi-byte characters span several tokens
+    pieces, detok = _stream(tok, ids, [])
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == detok.text == text
+
+
+def test_stop_strings_across_token_boundaries(tok: Tokenizer) -> None:
+    text = "The lighthouse keeper told stories about ships."
+    ids = tok.encode(text)
+    pieces, detok = _stream(tok, ids, ["house keep", "zzz"])
+    assert detok.stopped
+    assert "".join(pieces) == detok.text == "The light"
+    # Held-back text never contains a prefix that later turns out to be a stop string.
+    pieces, detok = _stream(tok, ids, ["ships!"])
+    assert not detok.stopped and "".join(pieces) == text
+
+
+def test_default_model_is_deterministic_and_sized(tmp_path: Path) -> None:
+    a, b = make_default("tiny", tmp_path / "a"), make_default("tiny", tmp_path / "b")
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (
+            hashlib.sha256((a / name).read_bytes()).digest()
+            == hashlib.sha256((b / name).read_bytes()).digest()
+        )
+    s = SHAPES["small"]
+    h, inter, layers = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
+    kv = s["num_key_value_heads"] * h // s["num_attention_heads"]
+    params = layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + 2 * s["vocab_size"] * h
+    assert params * 4 >= 300e6
+
+
+def test_cli_make_default(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deployments.cli",
+            "model",
+            "make-default",
+            "--output",
+            str(tmp_path / "m"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    assert str(tmp_path / "m") in out.stdout
