@@ -23,8 +23,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
     query_lens: list[int]  # new tokens per sequence
     context_lens: list[int]  # tokens cached after this step, per sequence
-    block_tables: torch.Tensor  # [S, max_blocks] block ids (padded with 0)
-    block_size: int
+    gather_ids: torch.Tensor  # every sequence's blocks, concatenated: one gather per layer
+    block_spans: list[tuple[int, int]]  # each sequence's [start, end) within gather_ids
 
     @classmethod
     def build(
@@ -35,7 +35,14 @@ class AttentionMetadata:
         block_tables: torch.Tensor,
         block_size: int,
     ) -> AttentionMetadata:
-        return cls(slot_mapping, query_lens, context_lens, block_tables, block_size)
+        spans, rows, start = [], [], 0
+        for seq, ctx in enumerate(context_lens):
+            n_blocks = -(-ctx // block_size)
+            rows.append(block_tables[seq, :n_blocks])
+            spans.append((start, start + n_blocks))
+            start += n_blocks
+        gather_ids = torch.cat(rows) if rows else block_tables.new_zeros(0)
+        return cls(slot_mapping, query_lens, context_lens, gather_ids, spans)
 
 
 def paged_attention(
@@ -48,16 +55,18 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KV, D]; caches: [blocks, block_size, KV, D] -> [T, H, D]."""
-    _, block_size, kv_heads, head_dim = k_cache.shape
+    kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     k_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    keys_all = k_cache[meta.gather_ids]
+    values_all = v_cache[meta.gather_ids]
     out = torch.empty_like(q)
     start = 0
-    for seq, n_new in enumerate(meta.query_lens):
-        ctx = meta.context_lens[seq]
-        table = meta.block_tables[seq, : -(-ctx // block_size)]
-        keys = k_cache[table].view(-1, kv_heads, head_dim)[:ctx]
-        values = v_cache[table].view(-1, kv_heads, head_dim)[:ctx]
+    for (first, last), n_new, ctx in zip(
+        meta.block_spans, meta.query_lens, meta.context_lens, strict=True
+    ):
+        keys = keys_all[first:last].view(-1, kv_heads, head_dim)[:ctx]
+        values = values_all[first:last].view(-1, kv_heads, head_dim)[:ctx]
         out[start : start + n_new] = _causal_attention(
             q[start : start + n_new], keys, values, scale
         )
@@ -70,13 +79,13 @@ def _causal_attention(
 ) -> torch.Tensor:
     """n new queries over ctx keys, the last n of which are their own positions."""
     n, ctx = q.shape[0], keys.shape[0]
+    if n == 1:
+        return _decode_attention(q, keys, values, scale)
     query = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
     key = keys.transpose(0, 1).unsqueeze(0)
     value = values.transpose(0, 1).unsqueeze(0)
     gqa = key.shape[1] != query.shape[1]
-    if n == 1:  # a decode token sees the whole context
-        o = F.scaled_dot_product_attention(query, key, value, scale=scale, enable_gqa=gqa)
-    elif ctx == n:
+    if ctx == n:
         o = F.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scale, enable_gqa=gqa
         )
@@ -88,3 +97,19 @@ def _causal_attention(
             query, key, value, attn_mask=mask, scale=scale, enable_gqa=gqa
         )
     return o.squeeze(0).transpose(0, 1)
+
+
+def _decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One query token over its whole context as two grouped bmm's.
+
+    For a single query, SDPA's CPU path costs ~4x more than the arithmetic; grouping the
+    query heads by their KV head also avoids materialising repeated keys for GQA.
+    """
+    heads, head_dim = q.shape[1], q.shape[2]
+    kv_heads = keys.shape[1]
+    grouped = q.view(kv_heads, heads // kv_heads, head_dim)
+    scores = torch.bmm(grouped, keys.permute(1, 2, 0)).mul_(scale)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.bmm(probs, values.transpose(0, 1)).reshape(1, heads, head_dim)
