@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -16,3 +17,34 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("tiered-cache")
     os.environ["TIERED_CACHE_DIR"] = str(cache)
     return make_default("tiny", cache / "tiny")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tiny_model_dir: Path):
+    """A two-node local Ray cluster (ray.cluster_utils.Cluster) with Serve, for the session.
+
+    Logical CPUs exceed the box's 2 cores on purpose: replicas reserve CPUs per TP rank.
+    Each node carries a node-type resource so tests can pin and spread replicas.
+    """
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 6, "resources": {"node_head": 100}},
+    )
+    cluster.add_node(num_cpus=6, resources={"node_worker": 100})
+    env = {"TIERED_CACHE_DIR": os.environ["TIERED_CACHE_DIR"]}
+    ray.init(address=cluster.address, runtime_env={"env_vars": env})
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    yield cluster
+    serve.shutdown()
+    ray.shutdown()
+    cluster.shutdown()

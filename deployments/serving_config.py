@@ -1,0 +1,164 @@
+"""Pydantic schema for models and their replica deployments (the `models:` part of the YAML).
+
+Validation happens at load, before anything is scheduled: shape errors against the
+checkpoint (TP must split the heads) and resource errors against the cluster's nodes.
+Messages name the field, e.g. `models[0].shared_pool.tp_size`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from models.default_model import SHAPES
+from models.engine_config import EngineConfig
+
+PlacementStrategy = Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before scheduling; the message names the field."""
+
+
+class EngineSpec(BaseModel):
+    """Engine settings shared by every deployment of a model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["cpu", "cuda"] = "cpu"
+    block_size: int = Field(16, ge=1, le=256)
+    num_kv_blocks: int | None = Field(None, ge=2)
+    kv_cache_memory_mb: int = Field(256, ge=1)
+    max_num_seqs: int = Field(32, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=16)
+    max_model_len: int | None = Field(None, ge=16)
+    enable_prefix_caching: bool = True
+
+
+class ReplicaSpec(BaseModel):
+    """How one deployment's replicas are shaped and placed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tp_size: int = Field(1, ge=1)
+    placement_strategy: PlacementStrategy = "PACK"
+    bundle_resources: dict[str, float] | None = Field(
+        None, description="Per-rank bundle; default {CPU: 1} on CPU, {GPU: 1} on CUDA."
+    )
+    node_type_resource: str | None = Field(
+        None, description="Custom resource that pins replicas to one node type."
+    )
+    num_replicas: int = Field(1, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    cpu_affinity: list[list[int]] | None = Field(None, description="CPU set per rank (CPU).")
+    num_threads: int | None = Field(None, ge=1)
+    drain_timeout_s: float = Field(10.0, ge=0)
+    stall_timeout_s: float = Field(30.0, gt=0)
+    health_check_period_s: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _affinity_per_rank(self) -> ReplicaSpec:
+        if self.cpu_affinity is not None and len(self.cpu_affinity) != self.tp_size:
+            raise ValueError(
+                f"cpu_affinity has {len(self.cpu_affinity)} CPU sets but tp_size is {self.tp_size}"
+            )
+        return self
+
+
+class ModelSpec(BaseModel):
+    """One served model: its checkpoint, engine settings and shared-pool deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._:/-]+$")
+    path: str = "default:tiny"
+    engine: EngineSpec = EngineSpec()
+    shared_pool: ReplicaSpec = ReplicaSpec()
+
+    def engine_config(self, replica: ReplicaSpec, rank: int, model_dir: str) -> EngineConfig:
+        """The EngineConfig one rank of one replica runs with."""
+        threads = replica.num_threads
+        if threads is None and self.engine.device == "cpu":
+            # One torch thread per reserved CPU, so TP ranks on one box do not oversubscribe.
+            threads = max(1, int(rank_resources(self, replica).get("CPU", 1)))
+        return EngineConfig(
+            model=model_dir,
+            tp_size=replica.tp_size,
+            cpu_affinity=replica.cpu_affinity[rank] if replica.cpu_affinity else None,
+            num_threads=threads,
+            **self.engine.model_dump(),
+        )
+
+
+def checkpoint_shape(path: str) -> dict[str, int] | None:
+    """Head counts of a checkpoint, without building it; None if it cannot be read here."""
+    if path.startswith("default:"):
+        return SHAPES.get(path.split(":", 1)[1])
+    config = Path(path).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    raw = json.loads(config.read_text())
+    heads = raw.get("num_attention_heads", 0)
+    return {
+        "num_attention_heads": heads,
+        "num_key_value_heads": raw.get("num_key_value_heads") or heads,
+        "intermediate_size": raw.get("intermediate_size", 0),
+    }
+
+
+def validate_against_checkpoint(spec: ModelSpec, replica: ReplicaSpec, where: str) -> None:
+    """TP must split the attention and KV heads evenly."""
+    if spec.path.startswith("default:") and spec.path.split(":", 1)[1] not in SHAPES:
+        raise ConfigError(f"{where}.path: unknown default model {spec.path!r}")
+    shape = checkpoint_shape(spec.path)
+    if shape is None:
+        raise ConfigError(f"{where}.path: no config.json at {spec.path!r}")
+    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        if shape[key] % replica.tp_size:
+            raise ConfigError(
+                f"{where}.tp_size: {replica.tp_size} does not divide {key}={shape[key]}"
+            )
+
+
+def rank_resources(spec: ModelSpec, replica: ReplicaSpec) -> dict[str, float]:
+    if replica.bundle_resources is not None:
+        return dict(replica.bundle_resources)
+    return {"GPU": 1.0} if spec.engine.device == "cuda" else {"CPU": 1.0}
+
+
+def validate_against_cluster(
+    spec: ModelSpec, replica: ReplicaSpec, nodes: list[dict[str, float]], where: str
+) -> None:
+    """Every bundle must fit some node; STRICT_PACK needs all of them on one node."""
+    if not nodes:
+        return
+    per_rank = rank_resources(spec, replica)
+    if replica.node_type_resource:
+        per_rank[replica.node_type_resource] = 0.01
+        if not any(replica.node_type_resource in n for n in nodes):
+            raise ConfigError(
+                f"{where}.node_type_resource: no node provides {replica.node_type_resource!r}"
+            )
+    need = {k: v * replica.tp_size for k, v in per_rank.items()}
+    for name, amount in per_rank.items():
+        if not any(n.get(name, 0) >= amount for n in nodes):
+            biggest = max(n.get(name, 0) for n in nodes)
+            raise ConfigError(
+                f"{where}.bundle_resources: a rank needs {amount:g} {name} but the largest "
+                f"node has {biggest:g}"
+            )
+    if replica.placement_strategy == "STRICT_PACK" and not any(
+        all(n.get(k, 0) >= v for k, v in need.items()) for n in nodes
+    ):
+        raise ConfigError(
+            f"{where}.tp_size: STRICT_PACK needs {need} on one node; no node has that much"
+        )
+    if replica.placement_strategy == "STRICT_SPREAD" and len(nodes) < replica.tp_size:
+        raise ConfigError(
+            f"{where}.placement_strategy: STRICT_SPREAD over {replica.tp_size} ranks "
+            f"needs {replica.tp_size} nodes, the cluster has {len(nodes)}"
+        )
