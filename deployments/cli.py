@@ -33,13 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--output", type=Path, default=None)
     make.set_defaults(handler=_model_make_default)
 
-    for register in EXTRA_COMMANDS:
+    for register in _extra_commands():
         register(groups)
     return parser
 
 
-# Other modules append a `register(subparsers)` function here to add their subcommands.
-EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    from deployments import serve_command
+
+    return [serve_command.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

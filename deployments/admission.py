@@ -1,0 +1,122 @@
+"""Admission state shared by every ingress replica: one named Ray actor.
+
+It holds the rate-limit windows, the usage meter, each dedicated deployment's free
+capacity (the spill decision) and the shared pools' fair dispatchers, so that limits and
+fairness hold across all ingress replicas rather than per replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import asdict
+
+import ray
+
+from deployments.fair_queue import FairDispatcher, QueueFull, QueueTimeout
+from deployments.rate_limits import Limits, RateLimitState
+from deployments.usage_meter import UsageMeter
+
+ACTOR_NAME = "tiered-admission"
+ACTOR_NAMESPACE = "tiered"
+
+
+class AdmissionState:
+    """Plain-Python core of the actor (unit-testable without Ray)."""
+
+    def __init__(
+        self, pools: dict[str, int], dedicated: dict[str, int], max_queue_len: int
+    ) -> None:
+        self.limits = RateLimitState()
+        self.usage = UsageMeter()
+        self.pools = {name: FairDispatcher(cap, max_queue_len) for name, cap in pools.items()}
+        self.dedicated_capacity = dict(dedicated)
+        self.dedicated_in_use = dict.fromkeys(dedicated, 0)
+        self._tickets = itertools.count(1)
+        self._held: dict[int, tuple[str, str]] = {}  # ticket -> ("pool"|"dedicated", name)
+
+    def reserve(self, tenant: str, tokens: int, limits: dict) -> dict:
+        return asdict(self.limits.reserve(tenant, tokens, Limits(**limits)))
+
+    def try_dedicated(self, tenant: str) -> int | None:
+        """A ticket on the tenant's private deployment, or None when it is saturated."""
+        if self.dedicated_in_use[tenant] >= self.dedicated_capacity[tenant]:
+            return None
+        self.dedicated_in_use[tenant] += 1
+        ticket = next(self._tickets)
+        self._held[ticket] = ("dedicated", tenant)
+        return ticket
+
+    async def acquire_shared(
+        self, pool: str, tenant: str, band: int, weight: float, cost: int, deadline_s: float
+    ) -> dict:
+        try:
+            waited = await self.pools[pool].acquire(tenant, band, weight, cost, deadline_s)
+        except QueueTimeout as exc:
+            return {"ticket": None, "reason": "queue_deadline", "retry_after_s": exc.retry_after_s}
+        except QueueFull:
+            return {"ticket": None, "reason": "queue_full", "retry_after_s": 1.0}
+        ticket = next(self._tickets)
+        self._held[ticket] = ("pool", pool)
+        return {"ticket": ticket, "waited_s": waited}
+
+    def finish(
+        self, ticket: int | None, reservation_id: int | None, actual_tokens: int, usage: dict | None
+    ) -> None:
+        """Release the slot, settle the tokens and meter the usage, in one call."""
+        held = self._held.pop(ticket, None) if ticket is not None else None
+        if held is not None:
+            kind, name = held
+            if kind == "pool":
+                self.pools[name].release()
+            else:
+                self.dedicated_in_use[name] = max(0, self.dedicated_in_use[name] - 1)
+        if reservation_id is not None:
+            self.limits.settle(reservation_id, actual_tokens)
+        if usage:
+            self.usage.record(**usage)
+
+    def set_pool_capacity(self, pool: str, capacity: int) -> None:
+        self.pools[pool].set_capacity(capacity)
+
+    def snapshot(self) -> dict:
+        return {
+            "usage": self.usage.snapshot(),
+            "pools": {
+                name: {
+                    "capacity": d.capacity,
+                    "in_use": d.in_use,
+                    "queued": d.depth,
+                    "served_tokens": dict(d.served_tokens),
+                }
+                for name, d in self.pools.items()
+            },
+            "dedicated": {
+                name: {"capacity": cap, "in_use": self.dedicated_in_use[name]}
+                for name, cap in self.dedicated_capacity.items()
+            },
+        }
+
+
+@ray.remote(num_cpus=0, max_concurrency=10_000)
+class AdmissionActor(AdmissionState):
+    """The shared instance. Async actor: waiters in the fair queue cost no threads."""
+
+    async def ping(self) -> bool:
+        await asyncio.sleep(0)
+        return True
+
+
+def get_admission(  # type: ignore[no-untyped-def]
+    app_key: str, pools: dict[str, int], dedicated: dict[str, int], max_queue_len: int
+):
+    """The one admission actor of an app (keyed by its config), made by the first ingress.
+
+    Detached, so that it outlives any one ingress replica; a new config gets a new actor.
+    """
+    return AdmissionActor.options(
+        name=f"{ACTOR_NAME}-{app_key}",
+        namespace=ACTOR_NAMESPACE,
+        get_if_exists=True,
+        lifetime="detached",
+    ).remote(pools, dedicated, max_queue_len)

@@ -1,0 +1,84 @@
+"""`tiered serve`: a local Ray cluster running the Tiered app, until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from deployments.config import DEFAULT_CONFIG, load_config
+
+# Plaintext of the demo keys whose hashes ship in cluster/serve-default.yaml.
+DEMO_KEYS = {
+    "acme (dedicated)": "tk-demo-acme-dedicated",
+    "globex (shared)": "tk-demo-globex-shared",
+    "initech (shared)": "tk-demo-initech-shared",
+    "admin": "tk-demo-admin",
+}
+
+
+def serve_forever(config_path: Path, host: str, port: int, num_cpus: int) -> int:
+    import ray
+    from ray import serve
+
+    from deployments.app import build_from_config
+    from models.default_model import resolve_model_path
+
+    console = Console()
+    config = load_config(config_path)
+    for model in config.models:
+        with console.status(f"preparing model {model.name} ({model.path})"):
+            resolve_model_path(model.path)
+    ray.init(num_cpus=num_cpus, include_dashboard=False)
+    serve.start(http_options={"host": host, "port": port})
+    with console.status("deploying replicas (first start loads the model on every rank)"):
+        serve.run(build_from_config(config), name="tiered", route_prefix="/")
+    url = f"http://{host}:{port}/v1"
+    table = Table(title=f"Tiered is serving at {url}")
+    table.add_column("tenant")
+    table.add_column("API key")
+    if config_path.resolve() == DEFAULT_CONFIG:
+        for tenant, key in DEMO_KEYS.items():
+            table.add_row(tenant, key)
+    console.print(table)
+    console.print(
+        f"Try:  curl {url}/chat/completions -H 'Authorization: Bearer tk-demo-globex-shared' "
+        "-H 'Content-Type: application/json' "
+        """-d '{"model": "tiny-llama", "messages": [{"role": "user", "content": "Hello"}]}'"""
+    )
+    console.print("Ctrl-C to stop.")
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    console.print("shutting down…")
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
+def register(groups: argparse._SubParsersAction) -> None:
+    cmd = groups.add_parser("serve", help="run Tiered on a local Ray cluster")
+    cmd.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    cmd.add_argument("--host", default="127.0.0.1")
+    cmd.add_argument("--port", type=int, default=8000)
+    cmd.add_argument("--num-cpus", type=int, default=8, help="logical CPUs for the local Ray")
+    cmd.set_defaults(handler=lambda a: serve_forever(a.config, a.host, a.port, a.num_cpus))
+
+    keys = groups.add_parser("keys", help="API keys").add_subparsers(
+        dest="keys_command", required=True
+    )
+    new = keys.add_parser("new", help="print a fresh key and the hash line to paste")
+    new.add_argument("tenant")
+
+    def _new(args: argparse.Namespace) -> int:
+        from deployments.keys import new_key_command
+
+        print(new_key_command(args.tenant), end="")
+        return 0
+
+    new.set_defaults(handler=_new)
