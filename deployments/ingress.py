@@ -239,7 +239,7 @@ class Ingress:
             meta,
             ticket,
             reservation,
-            {**ratelimit_headers, "x-request-id": request_id},
+            ratelimit_headers,
         )
 
     def _prompt_ids(self, req, kind: str, model: str) -> list[int]:  # type: ignore[no-untyped-def]
