@@ -29,6 +29,7 @@ def build_from_config(config: TieredConfig) -> serve.Application:
     shared = {
         m.name: model_server_app(m, m.shared_pool, shared_deployment_name(m.name), pool="shared")
         for m in config.models
+        if m.shared_pool.num_replicas > 0  # a model may be served to dedicated tenants only
     }
     dedicated = {}
     for tenant in config.tenants:

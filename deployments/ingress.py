@@ -275,6 +275,13 @@ class Ingress:
                     headers={"retry-after": "1", "retry-after-ms": "1000"},
                 )
             spill = True
+        if model not in self.shared:
+            raise OpenAIError(
+                503,
+                f"model '{model}' has no shared pool",
+                code="no_shared_pool",
+                headers={"retry-after": "1", "retry-after-ms": "1000"},
+            )
         band = 0 if spill else tenant.priority  # spilled traffic runs at shared priority
         result = await self.admission.acquire_shared.remote(
             model, tenant.name, band, tenant.weight, cost, self.config.dispatch.queue_deadline_s

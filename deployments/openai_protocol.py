@@ -30,7 +30,8 @@ UNSUPPORTED = (
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: "8" is not a number, as OpenAI answers; extra: unknown fields are 400.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TextPart(_Strict):

@@ -43,7 +43,9 @@ def ray_cluster(tiny_model_dir: Path):
     cluster.add_node(num_cpus=6, resources={"node_worker": 100})
     env = {"TIERED_CACHE_DIR": os.environ["TIERED_CACHE_DIR"]}
     ray.init(address=cluster.address, runtime_env={"env_vars": env})
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cluster.serve_port = port
     yield cluster
     serve.shutdown()
     ray.shutdown()

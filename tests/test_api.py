@@ -1,0 +1,361 @@
+"""The OpenAI API end to end: real Serve HTTP on loopback, the official openai SDK as client.
+
+One Tiered app on the session's two-node Ray cluster: a shared pool of 1 replica, two
+dedicated tenants (with and without spill), shared tenants with limits, 2 ingress replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from ray import serve
+
+from deployments.app import build_from_config
+from deployments.config import TieredConfig
+from deployments.keys import hash_key
+
+KEYS = {
+    t: f"tk-test-{t}"
+    for t in ("acme", "stark", "globex", "initech", "limited", "metered", "single", "admin")
+}
+REVOKED = "tk-test-revoked"
+MODEL = "tiny-llama"
+
+
+def _config(model_dir: Path) -> TieredConfig:
+    engine = {"num_kv_blocks": 256, "max_num_seqs": 2, "max_num_batched_tokens": 512}
+
+    def tenant(name: str, **kw: object) -> dict:
+        return {"name": name, "api_key_hashes": [hash_key(KEYS[name])], **kw}
+
+    dedicated = {"model": MODEL, "reserved_replicas": 1, "max_replicas": 1}
+    return TieredConfig.model_validate(
+        {
+            "models": [
+                {
+                    "name": MODEL,
+                    "path": str(model_dir),
+                    "engine": engine,
+                    "shared_pool": {"num_replicas": 1},
+                },
+                {
+                    "name": "private-model",
+                    "path": str(model_dir),
+                    "engine": engine,
+                    "shared_pool": {"num_replicas": 0},
+                },
+            ],
+            "tenants": [
+                tenant(
+                    "acme", tier="dedicated", priority=1, dedicated={**dedicated, "spill": True}
+                ),
+                tenant("stark", tier="dedicated", dedicated={**dedicated, "spill": False}),
+                tenant(
+                    "globex",
+                    models=[MODEL],
+                    api_key_hashes=[hash_key(KEYS["globex"]), hash_key(REVOKED)],
+                ),
+                tenant("initech", models=[MODEL]),
+                tenant("limited", rpm=20, models=[MODEL]),
+                tenant("metered", tpm=400, models=[MODEL]),
+                tenant("single", max_concurrency=1, models=[MODEL]),
+            ],
+            "admin_key_hashes": [hash_key(KEYS["admin"])],
+            "revoked_key_hashes": [hash_key(REVOKED)],
+            "dispatch": {"queue_deadline_s": 20},
+            "ingress": {"num_replicas": 2, "max_body_bytes": 65536},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def base_url(ray_cluster, tiny_model_dir: Path) -> str:
+    serve.run(build_from_config(_config(tiny_model_dir)), name="tiered", route_prefix="/")
+    yield f"http://127.0.0.1:{ray_cluster.serve_port}/v1"
+    serve.delete("tiered")
+
+
+def client(base_url: str, tenant: str = "globex", **kw: object) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=base_url, api_key=KEYS.get(tenant, tenant), max_retries=0, timeout=60, **kw
+    )
+
+
+def chat(c: openai.OpenAI, **kw: object):
+    args = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Hello there"}],
+        "max_tokens": 8,
+        **kw,
+    }
+    return c.chat.completions.with_raw_response.create(**args)
+
+
+def test_chat_and_completions_sync_and_streaming(base_url: str) -> None:
+    c = client(base_url)
+    raw = chat(c, seed=1, temperature=0.7)
+    resp = raw.parse()
+    assert raw.headers["x-request-id"] and raw.headers["x-tiered-service-tier"] == "shared"
+    assert resp.service_tier == "shared" and resp.choices[0].finish_reason in ("stop", "length")
+    assert resp.usage.prompt_tokens > 0 and resp.usage.prompt_tokens_details.cached_tokens == 0
+    again = chat(c, seed=1, temperature=0.7).parse()
+    assert again.choices[0].message.content == resp.choices[0].message.content
+
+    chunks = list(
+        c.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+            temperature=0,
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    assert chunks[-2].choices[0].finish_reason == "length"
+
+    comp = c.completions.create(
+        model=MODEL, prompt="The lighthouse", max_tokens=5, temperature=0, logprobs=2, n=2
+    )
+    assert len(comp.choices) == 2 and comp.usage.completion_tokens == 10
+    assert len(comp.choices[0].logprobs.tokens) == 5
+    streamed = "".join(
+        ch.choices[0].text
+        for ch in c.completions.create(
+            model=MODEL, prompt="The lighthouse", max_tokens=5, temperature=0, stream=True
+        )
+    )
+    assert streamed == comp.choices[0].text
+
+    models = [m.id for m in c.models.list().data]
+    assert models == [MODEL]  # globex may not see private-model
+
+
+def test_async_client_and_prefix_cache(base_url: str) -> None:
+    async def main() -> list:
+        ac = openai.AsyncOpenAI(base_url=base_url, api_key=KEYS["initech"], max_retries=0)
+        long = "The quick brown fox jumps over the lazy dog. " * 12
+        out = []
+        for _ in range(2):
+            out.append(
+                await ac.chat.completions.create(
+                    model=MODEL,
+                    messages=[{"role": "user", "content": long}],
+                    max_tokens=4,
+                    temperature=0,
+                )
+            )
+        stream = await ac.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "stream"}], max_tokens=3, stream=True
+        )
+        out.append([chunk async for chunk in stream])
+        await ac.close()
+        return out
+
+    first, second, chunks = asyncio.run(main())
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens > 0
+    assert second.choices[0].message.content == first.choices[0].message.content
+    assert sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.content is not None) == 3
+
+
+def test_sdk_exception_classes(base_url: str) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        chat(client(base_url, "tk-not-a-key"))
+    with pytest.raises(openai.AuthenticationError):
+        chat(client(base_url, REVOKED))
+    with pytest.raises(openai.PermissionDeniedError):
+        chat(client(base_url), model="private-model")
+    with pytest.raises(openai.NotFoundError):
+        chat(client(base_url), model="no-such-model")
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(client(base_url), tools=[{"type": "function", "function": {"name": "f"}}])
+    assert err.value.body["param"] == "tools"
+    with pytest.raises(openai.PermissionDeniedError):
+        client(base_url).get("/../admin/usage", cast_to=object)
+
+
+def _body(**fields: object) -> bytes:
+    base = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+    return json.dumps({**base, **fields}).encode()
+
+
+BAD_BODIES = [
+    (b"{not json", None),
+    (_body(messages="hi"), "messages"),
+    (_body(messages=[]), "messages"),
+    (_body(messages=[{"role": "wizard", "content": "x"}]), "messages.0.role"),
+    (_body(max_tokens="8"), "max_tokens"),
+    (_body(max_tokens=100000), "messages"),
+    (_body(temperature=-1), "temperature"),
+    (_body(top_p=0), "top_p"),
+    (_body(stop=[1]), "stop.str"),
+    (_body(bogus=1), "bogus"),
+    (_body(response_format={"type": "json_schema"}), "response_format"),
+    (_body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]), None),
+    (b"[1, 2]", None),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), BAD_BODIES)
+def test_bad_input_gets_openai_4xx(base_url: str, body: bytes, param: str | None) -> None:
+    r = httpx.post(
+        f"{base_url}/chat/completions",
+        content=body,
+        timeout=30,
+        headers={"Authorization": f"Bearer {KEYS['globex']}", "Content-Type": "application/json"},
+    )
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] is not None and error["param"].startswith(param), error
+
+
+def test_transport_errors_keep_the_format(base_url: str) -> None:
+    auth = {"Authorization": f"Bearer {KEYS['globex']}"}
+    big = httpx.post(f"{base_url}/chat/completions", content=b"x" * 70000, headers=auth)
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    assert httpx.get(f"{base_url}/nowhere", headers=auth).status_code == 404
+    wrong = httpx.get(f"{base_url}/chat/completions", headers=auth)
+    assert wrong.status_code == 405 and "error" in wrong.json()
+    missing = httpx.post(f"{base_url}/chat/completions", json={})
+    assert missing.status_code == 401 and missing.json()["error"]["type"] == "authentication_error"
+
+
+def _long_stream(base_url: str, tenant: str, tiers: list, started: threading.Semaphore) -> None:
+    """Hold one slot of `tenant` for a while; signal once the first chunk arrived."""
+    c = client(base_url, tenant)
+    raw = c.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "go"}], max_tokens=600, stream=True
+    )
+    tiers.append(raw.headers["x-tiered-service-tier"])
+    stream = raw.parse()
+    next(iter(stream))
+    started.release()
+    for _ in stream:
+        pass
+
+
+def _saturate(pool, base_url: str, tenant: str, tiers: list) -> list:
+    started = threading.Semaphore(0)
+    futures = [pool.submit(_long_stream, base_url, tenant, tiers, started) for _ in range(2)]
+    for _ in futures:
+        assert started.acquire(timeout=60)
+    return futures
+
+
+def test_isolation_spill_and_no_spill(base_url: str) -> None:
+    acme = [chat(client(base_url, "acme")) for _ in range(3)]
+    shared = [chat(client(base_url, "globex")) for _ in range(3)]
+    acme_replicas = {r.headers["x-tiered-replica"] for r in acme}
+    shared_replicas = {r.headers["x-tiered-replica"] for r in shared}
+    assert {r.headers["x-tiered-service-tier"] for r in acme} == {"dedicated"}
+    assert {r.parse().service_tier for r in shared} == {"shared"}
+    assert acme_replicas.isdisjoint(shared_replicas)
+    # Saturate each private copy (capacity 2): acme spills to shared, stark is refused.
+    tiers: list[str] = []
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        busy = _saturate(pool, base_url, "acme", tiers)
+        spilled = chat(client(base_url, "acme"))
+        busy += _saturate(pool, base_url, "stark", [])
+        with pytest.raises(openai.RateLimitError) as refused:
+            chat(client(base_url, "stark"))
+        for f in busy:
+            f.result(timeout=180)
+    assert tiers == ["dedicated", "dedicated"]
+    assert spilled.parse().service_tier == "shared"
+    assert spilled.headers["x-tiered-replica"] in shared_replicas
+    assert refused.value.body["code"] == "dedicated_capacity_exceeded"
+    usage = httpx.get(
+        f"{base_url.removesuffix('/v1')}/admin/usage",
+        headers={"Authorization": f"Bearer {KEYS['admin']}"},
+    ).json()["usage"]
+    acme_shared = [u for u in usage if u["tenant"] == "acme" and u["service_tier"] == "shared"]
+    assert acme_shared and acme_shared[0]["spill_requests"] >= 1
+    assert acme_shared[0]["spill_tokens"] > 0
+
+
+def test_rpm_holds_across_two_ingress_replicas(base_url: str) -> None:
+    c = client(base_url, "limited")
+
+    def one(_: int) -> int:
+        try:
+            chat(c, max_tokens=1)
+            return 200
+        except openai.RateLimitError as exc:
+            assert int(exc.response.headers["retry-after"]) >= 1
+            assert int(exc.response.headers["retry-after-ms"]) > 0
+            return 429
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        codes = list(pool.map(one, range(30)))
+    assert 19 <= codes.count(200) <= 21  # rpm=20, within 5%
+    assert codes.count(429) == 30 - codes.count(200)
+
+
+def test_tpm_settles_real_usage_streaming_included(base_url: str) -> None:
+    c = client(base_url, "metered")
+    used = 0
+    for i in range(100):
+        try:
+            if i % 2:
+                stream = c.chat.completions.create(
+                    model=MODEL,
+                    messages=[{"role": "user", "content": "count"}],
+                    max_tokens=8,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+                used += [ch for ch in stream][-1].usage.total_tokens
+            else:
+                used += chat(c).parse().usage.total_tokens
+        except openai.RateLimitError as exc:
+            assert exc.response.headers["x-ratelimit-limit-tokens"] == "400"
+            break
+    assert 0.95 * 400 <= used <= 400
+
+
+def test_concurrency_slot_held_until_stream_closes(base_url: str) -> None:
+    c = client(base_url, "single")
+    stream = c.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "a"}], max_tokens=60, stream=True
+    )
+    next(iter(stream))
+    with pytest.raises(openai.RateLimitError):
+        chat(c)
+    stream.close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            chat(c)
+            return
+        except openai.RateLimitError:
+            time.sleep(0.3)
+    raise AssertionError("slot not released after the stream closed")
+
+
+def test_heavy_tenant_cannot_starve_a_light_one(base_url: str) -> None:
+    def timed(tenant: str, tokens: int) -> float:
+        start = time.monotonic()
+        chat(client(base_url, tenant), max_tokens=tokens)
+        return time.monotonic() - start
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        heavy = [pool.submit(timed, "globex", 40) for _ in range(10)]
+        time.sleep(1.0)  # the pool (2 slots) is saturated and globex has a backlog
+        light = [pool.submit(timed, "initech", 40) for _ in range(2)]
+        light_times = [f.result(timeout=180) for f in light]
+        heavy_times = [f.result(timeout=180) for f in heavy]
+    # Fair queueing serves initech next instead of behind globex's whole backlog.
+    assert max(light_times) < max(heavy_times)
+    assert sum(light_times) / 2 < sum(heavy_times) / 10 * 1.5
