@@ -31,6 +31,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.engine_bench
+	$(PY) -m bench.replica_bench
+	$(PY) -m bench.api_bench
+	$(PY) -m bench.api_bench --pinned --out bench/results/api-pinned.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache
