@@ -87,13 +87,13 @@ async def _rps(url: str, key: str, concurrency: int, seconds: float) -> float:
 async def _ttft(c: httpx.AsyncClient, url: str, key: str, tokens: int) -> float:
     body = {**BODY, "max_tokens": tokens, "stream": True}
     t = time.perf_counter()
+    first = None
     async with c.stream("POST", url, json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+        r.raise_for_status()
         async for line in r.aiter_lines():
-            if line.startswith("data: {"):
+            if first is None and line.startswith("data: {"):
                 first = time.perf_counter() - t
-                break
-        async for _ in r.aiter_lines():
-            pass
+    assert first is not None, "no chunk received"
     return first
 
 
@@ -129,6 +129,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/api.json"))
     args = parser.parse_args()
     config = load_config()
+    for tenant in config.tenants:  # the flood must reach the pool, not the tenants' own limits
+        tenant.rpm = tenant.tpm = tenant.max_concurrency = None
     if args.pinned:  # dedicated on core 0, the shared pool's ranks on core 1
         config.models[0].shared_pool.cpu_affinity = [[1], [1]]
         config.tenants[0].dedicated.replica.cpu_affinity = [[0]]  # type: ignore[union-attr]

@@ -8,7 +8,6 @@ fairness hold across all ingress replicas rather than per replica.
 from __future__ import annotations
 
 import asyncio
-import itertools
 from dataclasses import asdict
 
 import ray
@@ -32,23 +31,29 @@ class AdmissionState:
         self.pools = {name: FairDispatcher(cap, max_queue_len) for name, cap in pools.items()}
         self.dedicated_capacity = dict(dedicated)
         self.dedicated_in_use = dict.fromkeys(dedicated, 0)
-        self._tickets = itertools.count(1)
-        self._held: dict[int, tuple[str, str]] = {}  # ticket -> ("pool"|"dedicated", name)
+        self._held: dict[str, tuple[str, str]] = {}  # ticket -> ("pool"|"dedicated", name)
+        self._abandoned: set[str] = set()  # finished by the caller before the grant arrived
 
     def reserve(self, tenant: str, tokens: int, limits: dict) -> dict:
         return asdict(self.limits.reserve(tenant, tokens, Limits(**limits)))
 
-    def try_dedicated(self, tenant: str) -> int | None:
-        """A ticket on the tenant's private deployment, or None when it is saturated."""
+    def try_dedicated(self, tenant: str, ticket: str) -> bool:
+        """Take a slot of the tenant's private deployment; False when it is saturated."""
         if self.dedicated_in_use[tenant] >= self.dedicated_capacity[tenant]:
-            return None
+            return False
         self.dedicated_in_use[tenant] += 1
-        ticket = next(self._tickets)
         self._held[ticket] = ("dedicated", tenant)
-        return ticket
+        return self._keep_unless_abandoned(ticket)
 
     async def acquire_shared(
-        self, pool: str, tenant: str, band: int, weight: float, cost: int, deadline_s: float
+        self,
+        pool: str,
+        tenant: str,
+        band: int,
+        weight: float,
+        cost: int,
+        deadline_s: float,
+        ticket: str,
     ) -> dict:
         try:
             waited = await self.pools[pool].acquire(tenant, band, weight, cost, deadline_s)
@@ -56,21 +61,45 @@ class AdmissionState:
             return {"ticket": None, "reason": "queue_deadline", "retry_after_s": exc.retry_after_s}
         except QueueFull:
             return {"ticket": None, "reason": "queue_full", "retry_after_s": 1.0}
-        ticket = next(self._tickets)
         self._held[ticket] = ("pool", pool)
+        if not self._keep_unless_abandoned(ticket):
+            return {"ticket": None, "reason": "abandoned", "retry_after_s": 0.0}
         return {"ticket": ticket, "waited_s": waited}
 
+    def _keep_unless_abandoned(self, ticket: str) -> bool:
+        """A caller that gave up (client gone) already called finish: release at once."""
+        if ticket in self._abandoned:
+            self._abandoned.discard(ticket)
+            self._release(ticket)
+            return False
+        return True
+
+    def _release(self, ticket: str) -> bool:
+        held = self._held.pop(ticket, None)
+        if held is None:
+            return False
+        kind, name = held
+        if kind == "pool":
+            self.pools[name].release()
+        else:
+            self.dedicated_in_use[name] = max(0, self.dedicated_in_use[name] - 1)
+        return True
+
     def finish(
-        self, ticket: int | None, reservation_id: int | None, actual_tokens: int, usage: dict | None
+        self,
+        ticket: str | None,
+        reservation_id: int | None,
+        actual_tokens: int,
+        usage: dict | None,
+        granted: bool = True,
     ) -> None:
-        """Release the slot, settle the tokens and meter the usage, in one call."""
-        held = self._held.pop(ticket, None) if ticket is not None else None
-        if held is not None:
-            kind, name = held
-            if kind == "pool":
-                self.pools[name].release()
-            else:
-                self.dedicated_in_use[name] = max(0, self.dedicated_in_use[name] - 1)
+        """Release the slot, settle the tokens and meter the usage, in one call.
+
+        `granted=False` means the caller gave up while its slot request was in flight: if
+        the grant comes later, it is released on arrival.
+        """
+        if ticket is not None and not self._release(ticket) and not granted:
+            self._abandoned.add(ticket)
         if reservation_id is not None:
             self.limits.settle(reservation_id, actual_tokens)
         if usage:

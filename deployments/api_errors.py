@@ -117,5 +117,8 @@ def install_error_handlers(app: FastAPI) -> None:
         mapped = from_engine_error(exc)
         if mapped is not None:
             return mapped.response()
+        if type(exc).__name__ in ("TaskCancelledError", "CancelledError"):
+            # The client went away and Serve cancelled the request; nobody reads this.
+            return OpenAIError(499, "request cancelled", code="client_closed").response()
         log.exception("unhandled error")
         return OpenAIError(500, "The server had an error processing your request.").response()

@@ -6,6 +6,7 @@ the shared pool or 429); the shared pool's fair queue; stream from a model-serve
 settle tokens, release the slot and meter usage when the stream closes, however it closes.
 """
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -55,6 +56,31 @@ def _bearer(request: Request) -> str | None:
     auth = request.headers.get("authorization", "")
     scheme, _, token = auth.partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+class _Admitted:
+    """One admitted request's claims (rate-limit reservation, slot ticket), released once.
+
+    Release is shielded from cancellation, so a client that disconnects mid-queue or
+    mid-stream still returns its slot and settles its tokens.
+    """
+
+    def __init__(self, admission, reservation: int | None) -> None:  # type: ignore[no-untyped-def]
+        self.admission = admission
+        self.reservation = reservation
+        self.ticket = uuid.uuid4().hex
+        self.slot_pending = False  # a slot request is in flight at the admission actor
+        self.closed = False
+
+    async def close(self, usage: Usage | None = None, record: dict | None = None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        tokens = usage.total_tokens if usage else 0
+        call = self.admission.finish.remote(
+            self.ticket, self.reservation, tokens, record, not self.slot_pending
+        )
+        await asyncio.shield(call)
 
 
 @serve.ingress(app)
@@ -214,33 +240,25 @@ class Ingress:
                 decision, f"Rate limit reached for tenant '{tenant.name}' ({decision['reason']})."
             )
         ratelimit_headers = decision["headers"]
-        reservation = decision["reservation_id"]
+        admitted = _Admitted(self.admission, decision["reservation_id"])
         try:
-            tier, spill, ticket, handle, band = await self._choose_tier(
-                tenant, req, model.name, cost
+            tier, spill, handle, band = await self._choose_tier(
+                tenant, req, model.name, cost, admitted
             )
-        except OpenAIError as exc:
-            await self.admission.finish.remote(None, reservation, 0, None)
-            exc.headers = {**ratelimit_headers, **exc.headers}
+            job = {
+                "request_id": request_id,
+                "prompt": prompt_ids,
+                "params": sampling,
+                "priority": band,
+                "cache_salt": tenant.name,
+            }
+            meta = {"tenant": tenant.name, "model": model.name, "tier": tier, "spill": spill}
+            return await self._respond(req, kind, handle, job, meta, admitted, ratelimit_headers)
+        except BaseException as exc:
+            await admitted.close()
+            if isinstance(exc, OpenAIError):
+                exc.headers = {**ratelimit_headers, **exc.headers}
             raise
-        job = {
-            "request_id": request_id,
-            "prompt": prompt_ids,
-            "params": sampling,
-            "priority": band,
-            "cache_salt": tenant.name,
-        }
-        meta = {"tenant": tenant.name, "model": model.name, "tier": tier, "spill": spill}
-        return await self._respond(
-            req,
-            kind,
-            handle,
-            job,
-            meta,
-            ticket,
-            reservation,
-            ratelimit_headers,
-        )
 
     def _prompt_ids(self, req, kind: str, model: str) -> list[int]:  # type: ignore[no-untyped-def]
         tok = self.tokenizers[model]
@@ -258,14 +276,16 @@ class Ingress:
             raise OpenAIError(400, f"token id {bad[0]} is outside the vocabulary", param="prompt")
         return list(prompt)
 
-    async def _choose_tier(self, tenant: TenantSpec, req, model: str, cost: int):  # type: ignore[no-untyped-def]
-        """(tier, spill, ticket, handle, band): dedicated first unless asked for 'default'."""
+    async def _choose_tier(self, tenant: TenantSpec, req, model: str, cost: int, admitted):  # type: ignore[no-untyped-def]
+        """(tier, spill, handle, band): dedicated first unless asked for 'default'."""
         spill = False
         ded = tenant.dedicated
         if ded is not None and ded.model == model and req.service_tier != "default":
-            ticket = await self.admission.try_dedicated.remote(tenant.name)
-            if ticket is not None:
-                return "dedicated", False, ticket, self.dedicated[tenant.name], tenant.priority
+            admitted.slot_pending = True
+            got = await self.admission.try_dedicated.remote(tenant.name, admitted.ticket)
+            admitted.slot_pending = False
+            if got:
+                return "dedicated", False, self.dedicated[tenant.name], tenant.priority
             if not ded.spill:
                 raise OpenAIError(
                     429,
@@ -283,22 +303,27 @@ class Ingress:
                 headers={"retry-after": "1", "retry-after-ms": "1000"},
             )
         band = 0 if spill else tenant.priority  # spilled traffic runs at shared priority
+        admitted.slot_pending = True
         result = await self.admission.acquire_shared.remote(
-            model, tenant.name, band, tenant.weight, cost, self.config.dispatch.queue_deadline_s
+            model,
+            tenant.name,
+            band,
+            tenant.weight,
+            cost,
+            self.config.dispatch.queue_deadline_s,
+            admitted.ticket,
         )
+        admitted.slot_pending = False
         if result["ticket"] is None:
             raise _rate_limited(result, "The shared pool is saturated; retry later.")
-        return "shared", spill, result["ticket"], self.shared[model], band
+        return "shared", spill, self.shared[model], band
 
-    async def _respond(self, req, kind, handle, job, meta, ticket, reservation, headers):  # type: ignore[no-untyped-def]
+    async def _respond(self, req, kind, handle, job, meta, admitted, headers):  # type: ignore[no-untyped-def]
         stream = handle.options(stream=True).generate.remote(job)
         builder = ResponseBuilder(kind, job["request_id"], meta["model"], meta["tier"], req.n)
-        state = {"usage": Usage(), "closed": False}
+        state = {"usage": Usage()}
 
         async def close() -> None:
-            if state["closed"]:
-                return
-            state["closed"] = True
             usage: Usage = state["usage"]
             record = {
                 "tenant": meta["tenant"],
@@ -309,15 +334,12 @@ class Ingress:
                 "cached_tokens": usage.cached_tokens,
                 "completion_tokens": usage.completion_tokens,
             }
-            await self.admission.finish.remote(
-                ticket, reservation, usage.total_tokens, record if usage.prompt_tokens else None
-            )
+            await admitted.close(usage, record if usage.prompt_tokens else None)
 
         try:
             first = await stream.__anext__()
         except BaseException as exc:
             stream.cancel()
-            await close()
             mapped = from_engine_error(exc)
             if mapped is None:
                 raise

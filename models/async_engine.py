@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from models.engine import LLMEngine, PreparedRequest
 from models.engine_config import EngineConfig
 from models.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
-from models.outputs import EngineStats, RequestOutput
+from models.outputs import EngineStats, RequestOutput, merge_outputs
 from models.sampling_params import SamplingParams
 from models.tp import ParallelContext
 
@@ -73,11 +73,17 @@ class AsyncLLMEngine:
         finished = False
         try:
             while True:
-                item = await sink.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
+                batch = [await sink.get()]
+                while not sink.empty():  # coalesce what piled up while the reader was away
+                    batch.append(sink.get_nowait())
+                errors = [b for b in batch if isinstance(b, BaseException)]
+                outputs = [b for b in batch if not isinstance(b, BaseException)]
+                if outputs:
+                    item = merge_outputs(outputs)
+                    finished = item.finished
+                    yield item
+                if errors:
+                    raise errors[0]
                 if finished:
                     return
         finally:

@@ -75,3 +75,30 @@ class EngineStats:
     def prefix_hit_rate(self) -> float:
         q = self.prefix_cache_queries
         return self.prefix_cache_hits / q if q else 0.0
+
+
+def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    """Fold consecutive step outputs of one request into one, so a slow reader (e.g. a
+    Ray stream) gets one message per read instead of one per engine step."""
+    if len(outputs) == 1:
+        return outputs[0]
+    merged: dict[int, CompletionDelta] = {}
+    for out in outputs:
+        for d in out.deltas:
+            m = merged.get(d.index)
+            if m is None:
+                merged[d.index] = CompletionDelta(
+                    d.index,
+                    d.text,
+                    list(d.token_ids),
+                    list(d.logprobs) if d.logprobs is not None else None,
+                    d.finish_reason,
+                )
+                continue
+            m.text += d.text
+            m.token_ids.extend(d.token_ids)
+            if d.logprobs is not None:
+                m.logprobs = (m.logprobs or []) + d.logprobs
+            m.finish_reason = d.finish_reason or m.finish_reason
+    last = outputs[-1]
+    return RequestOutput(last.request_id, list(merged.values()), last.finished, last.usage)

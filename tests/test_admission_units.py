@@ -134,8 +134,8 @@ def test_deadline_and_cancellation_leave_no_trace() -> None:
 
 def test_admission_state_dedicated_saturation_and_usage() -> None:
     state = AdmissionState({"m": 2}, {"acme": 1}, 16)
-    ticket = state.try_dedicated("acme")
-    assert ticket is not None and state.try_dedicated("acme") is None
+    assert state.try_dedicated("acme", "t1") and not state.try_dedicated("acme", "t2")
+    ticket = "t1"
     usage = {
         "tenant": "acme",
         "model": "m",
@@ -146,6 +146,21 @@ def test_admission_state_dedicated_saturation_and_usage() -> None:
         "completion_tokens": 3,
     }
     state.finish(ticket, None, 8, usage)
-    assert state.try_dedicated("acme") is not None
+    assert state.try_dedicated("acme", "t3")
     (row,) = state.snapshot()["usage"]
     assert row["requests"] == 1 and row["completion_tokens"] == 3
+
+
+def test_a_caller_that_gave_up_never_leaks_its_slot() -> None:
+    async def main() -> None:
+        state = AdmissionState({"m": 1}, {}, 16)
+        first = await state.acquire_shared("m", "a", 0, 1.0, 10, 5.0, "first")
+        assert first["ticket"] == "first"
+        queued = asyncio.create_task(state.acquire_shared("m", "b", 0, 1.0, 10, 5.0, "late"))
+        await asyncio.sleep(0.01)
+        state.finish("late", None, 0, None, granted=False)  # the client disconnected
+        state.finish("first", None, 0, None)  # the slot frees; "late" is granted...
+        assert (await queued)["ticket"] is None  # ...and released on arrival
+        assert state.pools["m"].in_use == 0
+
+    _run(main())

@@ -359,3 +359,27 @@ def test_heavy_tenant_cannot_starve_a_light_one(base_url: str) -> None:
     # Fair queueing serves initech next instead of behind globex's whole backlog.
     assert max(light_times) < max(heavy_times)
     assert sum(light_times) / 2 < sum(heavy_times) / 10 * 1.5
+
+
+def test_client_disconnect_aborts_the_engine_request(base_url: str) -> None:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "long"}],
+        "max_tokens": 900,
+        "stream": True,
+    }
+    headers = {"Authorization": f"Bearer {KEYS['initech']}"}
+    with httpx.stream(
+        "POST", f"{base_url}/chat/completions", json=body, headers=headers, timeout=60
+    ) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                break  # leaving the block closes the connection mid-stream
+    shared = serve.get_deployment_handle("shared-tiny-llama", app_name="tiered")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        stats = shared.stats.remote().result(timeout_s=30)
+        if stats["num_running"] == 0 and stats["kv_blocks_used"] == 0:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"engine request still running after disconnect: {stats}")

@@ -32,7 +32,7 @@ def test_stream_yields_deltas_and_usage(aengine: AsyncLLMEngine) -> None:
         return await _drain(aengine.generate("s1", "Hello there", params))
 
     outs = asyncio.run(main())
-    assert len(outs) == 10
+    assert sum(len(d.token_ids) for o in outs for d in o.deltas) == 10  # may arrive coalesced
     assert outs[-1].finished and outs[-1].deltas[0].finish_reason == "length"
     assert outs[-1].usage.completion_tokens == 10
     assert outs[-1].usage.prompt_tokens == len(aengine.tokenizer.encode("Hello there"))

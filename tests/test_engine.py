@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.block_pool import BlockPool
 from models.engine import LLMEngine
 from models.engine_config import EngineConfig
 from models.sampling_params import SamplingParams
@@ -192,3 +193,54 @@ def test_logprobs_and_penalties(engine: LLMEngine) -> None:
     )
     repeated = generate(engine, prompt, rewarded)["tokens"][0]
     assert len(set(repeated)) < len(set(plain)) // 2
+
+
+def test_priority_goes_first_when_seats_are_scarce(tiny_model_dir: Path) -> None:
+    one_seat = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=64, max_num_seqs=1))
+    params = SamplingParams(max_tokens=3, **GREEDY)
+    one_seat.add_request("low", [11, 12, 13], params, priority=0)
+    one_seat.add_request("high", [21, 22, 23], params, priority=5)
+    finished = [o.request_id for o in run_to_completion(one_seat) if o.finished]
+    assert finished == ["high", "low"]
+
+
+def test_stop_token_ids_end_the_sample(engine: LLMEngine) -> None:
+    prompt = _prompts(1, 2000, seed=12)[0]
+    tokens = generate(engine, prompt, SamplingParams(max_tokens=10, **GREEDY))["tokens"][0]
+    stop_at = tokens[3]
+    cut = generate(
+        engine, prompt, SamplingParams(max_tokens=10, stop_token_ids=[stop_at], **GREEDY)
+    )
+    assert cut["tokens"][0] == tokens[: tokens.index(stop_at) + 1]
+    assert cut["finish"][0] == "stop"
+
+
+def test_lru_eviction_forgets_the_least_recently_freed_block() -> None:
+    pool = BlockPool(4)
+    a, b = pool.allocate(2)
+    pool.register(a, b"hash-a")
+    pool.register(b, b"hash-b")
+    pool.release([a])  # a freed first, then b: a is the least recently used
+    pool.release([b])
+    taken = pool.allocate(3)  # two never-used blocks, then the LRU cached one
+    assert a in taken and pool.lookup(b"hash-a") is None
+    assert pool.lookup(b"hash-b") is b and b.ref_cnt == 0
+    pool.touch([b])  # a hit revives b from the free queue
+    assert b.ref_cnt == 1 and pool.num_free == 0
+
+
+def test_merge_outputs_keeps_every_token_and_the_last_usage() -> None:
+    from models.outputs import CompletionDelta, RequestOutput, Usage, merge_outputs
+
+    a = RequestOutput(
+        "r", [CompletionDelta(0, "he", [1]), CompletionDelta(1, "x", [9])], False, Usage(3, 2)
+    )
+    b = RequestOutput(
+        "r", [CompletionDelta(0, "llo", [2], finish_reason="stop")], True, Usage(3, 3)
+    )
+    m = merge_outputs([a, b])
+    assert m.finished and m.usage.completion_tokens == 3
+    assert [(d.index, d.text, d.token_ids, d.finish_reason) for d in m.deltas] == [
+        (0, "hello", [1, 2], "stop"),
+        (1, "x", [9], None),
+    ]

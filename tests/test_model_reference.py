@@ -108,3 +108,36 @@ def test_unsupported_architectures_are_refused() -> None:
         )
     with pytest.raises(UnsupportedModelError, match="tp_size=3 does not divide"):
         ModelConfig.from_dict({**base, "model_type": "llama"}).check_tp(3)
+
+
+@torch.inference_mode()
+def test_sharded_checkpoint_loads_like_single_file(tmp_path: Path) -> None:
+    import transformers as tf
+
+    single = write_hf_checkpoint(tmp_path / "single", kv_heads=2)
+    model = tf.AutoModelForCausalLM.from_pretrained(single, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="60KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    config = ModelConfig.from_pretrained(single)
+    a = load_model(single, config, single_process(), torch.float32)
+    b = load_model(tmp_path / "sharded", config, single_process(), torch.float32)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(pa, pb), name
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_tracks_fp32(tmp_path: Path, dtype: torch.dtype) -> None:
+    ckpt = write_hf_checkpoint(tmp_path / "ckpt", kv_heads=2)
+    config = ModelConfig.from_pretrained(ckpt)
+    ids = torch.arange(3, 40)
+    table = [0, 1, 2]
+    full = _run(
+        load_model(ckpt, config, single_process(), torch.float32), _kv(config), ids, 0, table
+    )
+    half_model = load_model(ckpt, config, single_process(), dtype)
+    assert next(half_model.parameters()).dtype == dtype
+    kv = [(k.to(dtype), v.to(dtype)) for k, v in _kv(config)]
+    half = _run(half_model, kv, ids, 0, table)
+    assert (half - full).abs().max().item() < 0.1
+    assert (half.argmax(-1) == full.argmax(-1)).float().mean().item() > 0.9
