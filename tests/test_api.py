@@ -21,6 +21,7 @@ from ray import serve
 from deployments.app import build_from_config
 from deployments.config import TieredConfig
 from deployments.keys import hash_key
+from tests.serve_helpers import wait_until_replica_idle
 
 KEYS = {
     t: f"tk-test-{t}"
@@ -376,10 +377,4 @@ def test_client_disconnect_aborts_the_engine_request(base_url: str) -> None:
             if line.startswith("data: {"):
                 break  # leaving the block closes the connection mid-stream
     shared = serve.get_deployment_handle("shared-tiny-llama", app_name="tiered")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        stats = shared.stats.remote().result(timeout_s=30)
-        if stats["num_running"] == 0 and stats["kv_blocks_used"] == 0:
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"engine request still running after disconnect: {stats}")
+    wait_until_replica_idle(shared, "after a client disconnect")

@@ -20,6 +20,7 @@ from deployments.serving_config import (
     validate_against_checkpoint,
     validate_against_cluster,
 )
+from tests.serve_helpers import wait_until_replica_idle
 
 GREEDY = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
 PROMPTS = [[11, 22, 33, 44, 55], list(range(100, 160)), [7] * 20]
@@ -103,13 +104,7 @@ def test_cancel_frees_kv_blocks(apps) -> None:
         stream.cancel()
 
     _run(cancel_midway())
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        stats = handle.stats.remote().result(timeout_s=30)
-        if stats["kv_blocks_used"] == 0 and stats["num_running"] == 0:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"blocks still held after cancel: {stats}")
+    wait_until_replica_idle(handle, "after cancel")
 
 
 def test_killing_rank1_fails_streams_and_replica_is_replaced(apps) -> None:
