@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
@@ -56,6 +57,22 @@ def _bearer(request: Request) -> str | None:
     auth = request.headers.get("authorization", "")
     scheme, _, token = auth.partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that always closes its body generator, disconnects included.
+
+    Starlette just stops iterating when the client goes away, leaving the generator to the
+    garbage collector; its `finally` (release the slot, settle the tokens) must not wait
+    for that.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
 class _Admitted:
@@ -348,7 +365,7 @@ class Ingress:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             body = self._sse(first, stream, builder, state, include_usage, close)
-            return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+            return _ClosingStreamingResponse(body, media_type="text/event-stream", headers=headers)
         try:
             served = first
             while True:

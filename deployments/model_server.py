@@ -151,9 +151,14 @@ def model_server_app(
 ) -> serve.Application:
     """A bound Serve deployment of `replica.num_replicas` TP replicas of `spec`."""
     bundles = replica_bundles(spec, replica)
+    scaling: dict = (
+        {"autoscaling_config": replica.autoscaling.serve_config()}
+        if replica.autoscaling
+        else {"num_replicas": replica.num_replicas}
+    )
     deployment = serve.deployment(ModelServer).options(
         name=name,
-        num_replicas=replica.num_replicas,
+        **scaling,
         max_ongoing_requests=replica.max_ongoing_requests,
         ray_actor_options=replica_actor_options(bundles[0]),
         placement_group_bundles=bundles,

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deployments.autoscaling import AutoscalingSpec
 from models.default_model import SHAPES
 from models.engine_config import EngineConfig
 
@@ -59,6 +60,9 @@ class ReplicaSpec(BaseModel):
     drain_timeout_s: float = Field(10.0, ge=0)
     stall_timeout_s: float = Field(30.0, gt=0)
     health_check_period_s: float = Field(2.0, gt=0)
+    autoscaling: AutoscalingSpec | None = Field(
+        None, description="Scale on LLM signals between bounds; replaces num_replicas."
+    )
 
     @model_validator(mode="after")
     def _affinity_per_rank(self) -> ReplicaSpec:

@@ -1,0 +1,135 @@
+"""Scaling a model-server deployment on LLM signals, through Serve's own policy hook.
+
+Ongoing-request counts mislead for LLMs (a replica with 3 long generations can be full, one
+with 30 short ones idle), so the policy reads what the engines publish through
+`record_autoscaling_stats`: KV-cache use, waiting sequences, and running sequences against
+`max_num_seqs`. Serve's wrapper then applies min/max bounds and the up/down delays.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+log = logging.getLogger(__name__)
+POLICY_PATH = "deployments.autoscaling:llm_pool_policy"
+
+
+class AutoscalingSpec(BaseModel):
+    """Bounds, delays and targets for one deployment's replica count."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    metrics_interval_s: float = Field(2.0, gt=0)
+    target_kv_usage: float = Field(0.75, gt=0, le=1)
+    target_seq_usage: float = Field(0.8, gt=0, le=1)
+    target_waiting_per_replica: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}"
+            )
+        return self
+
+    def serve_config(self) -> dict[str, Any]:
+        """Serve's `autoscaling_config`, with this module's policy and targets."""
+        return {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "initial_replicas": self.min_replicas,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+            "metrics_interval_s": self.metrics_interval_s,
+            "look_back_period_s": max(2 * self.metrics_interval_s, 4.0),
+            "policy": {
+                "policy_function": POLICY_PATH,
+                "policy_kwargs": {"targets": self.targets()},
+            },
+        }
+
+    def targets(self) -> dict[str, float]:
+        return {
+            "kv_usage": self.target_kv_usage,
+            "seq_usage": self.target_seq_usage,
+            "waiting_per_replica": self.target_waiting_per_replica,
+        }
+
+
+@dataclass
+class PoolSignals:
+    """What the replicas reported, summed or averaged over the running replicas."""
+
+    replicas: int
+    kv_usage: float  # mean fraction of KV blocks in use
+    running: float  # total running sequences
+    waiting: float  # total waiting sequences (engine queues)
+    capacity: float  # total max_num_seqs
+    queued: float = 0.0  # requests waiting in the fair dispatcher for this pool
+
+
+def desired_replicas(signals: PoolSignals, targets: dict[str, float]) -> tuple[int, str]:
+    """The replica count each signal asks for; the largest wins, with its reason.
+
+    - kv_usage: replicas so that mean KV use sits at its target;
+    - seq_usage: replicas so that running sequences fill `target_seq_usage` of max_num_seqs;
+    - backlog: sequences waiting (in engines and in the fair dispatcher) beyond the allowed
+      per-replica backlog, each `max_num_seqs` of them asking for one more replica.
+    Idle asks for 0; Serve clamps to min_replicas.
+    """
+    n = max(signals.replicas, 1)
+    per_replica = signals.capacity / n if signals.capacity else 1.0
+    backlog = signals.waiting + signals.queued - targets["waiting_per_replica"] * n
+    asks = {
+        "kv_usage": n * signals.kv_usage / targets["kv_usage"],
+        "seq_usage": (signals.running / per_replica) / targets["seq_usage"],
+        "backlog": n + backlog / per_replica if backlog > 0 else 0.0,
+    }
+    reason, ask = max(asks.items(), key=lambda kv: kv[1])
+    return math.ceil(ask - 1e-9), f"{reason}={ask:.2f}"
+
+
+def signals_from_metrics(metrics: dict[str, dict[Any, float]], replicas: int) -> PoolSignals:
+    def values(name: str) -> list[float]:
+        return list((metrics.get(name) or {}).values())
+
+    kv = values("kv_usage")
+    return PoolSignals(
+        replicas=replicas,
+        kv_usage=sum(kv) / len(kv) if kv else 0.0,
+        running=sum(values("num_running")),
+        waiting=sum(values("num_waiting")),
+        capacity=sum(values("max_num_seqs")),
+        queued=max(values("dispatcher_queue_depth"), default=0.0),
+    )
+
+
+def llm_pool_policy(ctx) -> tuple[int, dict[str, Any]]:  # type: ignore[no-untyped-def]
+    """Serve policy entry point; bounds and delays are applied by Serve around it."""
+    targets = (ctx.config.policy.policy_kwargs or {}).get("targets") or AutoscalingSpec().targets()
+    signals = signals_from_metrics(ctx.aggregated_metrics or {}, ctx.current_num_replicas)
+    wanted, reason = desired_replicas(signals, targets)
+    state = dict(ctx.policy_state or {})
+    if wanted != ctx.current_num_replicas:
+        log.info(
+            "autoscale %s: %d -> %d (%s)",
+            ctx.deployment_name,
+            ctx.current_num_replicas,
+            wanted,
+            reason,
+        )
+    state["last_decision"] = {
+        "desired": wanted,
+        "actual": ctx.current_num_replicas,
+        "reason": reason,
+    }
+    return wanted, state
