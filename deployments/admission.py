@@ -8,6 +8,9 @@ fairness hold across all ingress replicas rather than per replica.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
+import time
 from dataclasses import asdict
 
 import ray
@@ -18,6 +21,13 @@ from deployments.usage_meter import UsageMeter
 
 ACTOR_NAME = "tiered-admission"
 ACTOR_NAMESPACE = "tiered"
+HEARTBEAT_TTL_S = 15.0  # a replica not heard from for this long no longer counts as capacity
+
+
+def admission_actor_name(config: dict) -> str:
+    """One admission actor per app config; the ingress and model servers derive the same."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{ACTOR_NAME}-{digest}"
 
 
 class AdmissionState:
@@ -32,6 +42,9 @@ class AdmissionState:
         self.dedicated_capacity = dict(dedicated)
         self.dedicated_in_use = dict.fromkeys(dedicated, 0)
         self._held: dict[str, tuple[str, str]] = {}  # ticket -> ("pool"|"dedicated", name)
+        # Capacity follows the replicas that are alive: pool key -> replica -> (seats, seen).
+        self._configured = {**pools, **{f"dedicated:{t}": c for t, c in dedicated.items()}}
+        self._seats: dict[str, dict[str, tuple[int, float]]] = {}
         self._abandoned: set[str] = set()  # finished by the caller before the grant arrived
 
     def reserve(self, tenant: str, tokens: int, limits: dict) -> dict:
@@ -105,8 +118,32 @@ class AdmissionState:
         if usage:
             self.usage.record(**usage)
 
-    def set_pool_capacity(self, pool: str, capacity: int) -> None:
-        self.pools[pool].set_capacity(capacity)
+    def replica_heartbeat(
+        self, pool_key: str, replica_id: str, seats: int, now: float | None = None
+    ) -> dict[str, float]:
+        """A model-server replica is alive with `seats`; returns its pool's queue signals.
+
+        Pool keys are the model name (shared pool) or `dedicated:<tenant>`. Autoscaling
+        changes the replica count, and with it the seats the dispatcher hands out.
+        """
+        now = time.monotonic() if now is None else now
+        replicas = self._seats.setdefault(pool_key, {})
+        replicas[replica_id] = (seats, now)
+        for rid in [r for r, (_, seen) in replicas.items() if now - seen > HEARTBEAT_TTL_S]:
+            del replicas[rid]
+        capacity = sum(s for s, _ in replicas.values()) or self._configured.get(pool_key, 0)
+        if pool_key in self.pools:
+            dispatcher = self.pools[pool_key]
+            dispatcher.set_capacity(capacity)
+            recent = dispatcher.wait_times[-50:]
+            return {
+                "dispatcher_queue_depth": float(dispatcher.depth),
+                "dispatcher_mean_wait_s": sum(recent) / len(recent) if recent else 0.0,
+            }
+        tenant = pool_key.removeprefix("dedicated:")
+        if tenant in self.dedicated_capacity:
+            self.dedicated_capacity[tenant] = capacity
+        return {"dispatcher_queue_depth": 0.0, "dispatcher_mean_wait_s": 0.0}
 
     def snapshot(self) -> dict:
         return {
@@ -137,14 +174,14 @@ class AdmissionActor(AdmissionState):
 
 
 def get_admission(  # type: ignore[no-untyped-def]
-    app_key: str, pools: dict[str, int], dedicated: dict[str, int], max_queue_len: int
+    name: str, pools: dict[str, int], dedicated: dict[str, int], max_queue_len: int
 ):
     """The one admission actor of an app (keyed by its config), made by the first ingress.
 
     Detached, so that it outlives any one ingress replica; a new config gets a new actor.
     """
     return AdmissionActor.options(
-        name=f"{ACTOR_NAME}-{app_key}",
+        name=name,
         namespace=ACTOR_NAMESPACE,
         get_if_exists=True,
         lifetime="detached",

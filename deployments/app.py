@@ -12,9 +12,13 @@ from typing import Any
 
 from ray import serve
 
+from deployments.admission import admission_actor_name
+from deployments.autoscaling import AutoscalingSpec
 from deployments.config import TieredConfig, load_config
 from deployments.ingress import Ingress
 from deployments.model_server import model_server_app
+from deployments.serving_config import ReplicaSpec
+from deployments.tenancy_config import DedicatedSpec
 
 
 def shared_deployment_name(model: str) -> str:
@@ -25,11 +29,29 @@ def dedicated_deployment_name(tenant: str) -> str:
     return f"dedicated-{tenant}"
 
 
+def dedicated_replica(dedicated: DedicatedSpec) -> ReplicaSpec:
+    """The reservation is the floor: fixed at reserved_replicas, or autoscaled between the
+    reservation and max_replicas when the tenant bought burst room."""
+    reserved, ceiling = (
+        dedicated.reserved_replicas,
+        dedicated.max_replicas or dedicated.reserved_replicas,
+    )
+    if ceiling == reserved:
+        return dedicated.replica.model_copy(update={"num_replicas": reserved, "autoscaling": None})
+    scaling = dedicated.replica.autoscaling or AutoscalingSpec()
+    scaling = scaling.model_copy(update={"min_replicas": reserved, "max_replicas": ceiling})
+    return dedicated.replica.model_copy(update={"autoscaling": scaling})
+
+
 def build_from_config(config: TieredConfig) -> serve.Application:
+    admission = admission_actor_name(config.model_dump())
     shared = {
-        m.name: model_server_app(m, m.shared_pool, shared_deployment_name(m.name), pool="shared")
+        m.name: model_server_app(
+            m, m.shared_pool, shared_deployment_name(m.name), pool=m.name, admission=admission
+        )
         for m in config.models
-        if m.shared_pool.num_replicas > 0  # a model may be served to dedicated tenants only
+        # a model may be served to dedicated tenants only
+        if m.shared_pool.num_replicas > 0 or m.shared_pool.autoscaling
     }
     dedicated = {}
     for tenant in config.tenants:
@@ -37,11 +59,12 @@ def build_from_config(config: TieredConfig) -> serve.Application:
             continue
         model = config.model(tenant.dedicated.model)
         assert model is not None
-        replica = tenant.dedicated.replica.model_copy(
-            update={"num_replicas": tenant.dedicated.reserved_replicas}
-        )
         dedicated[tenant.name] = model_server_app(
-            model, replica, dedicated_deployment_name(tenant.name), pool=f"dedicated:{tenant.name}"
+            model,
+            dedicated_replica(tenant.dedicated),
+            dedicated_deployment_name(tenant.name),
+            pool=f"dedicated:{tenant.name}",
+            admission=admission,
         )
     ingress = serve.deployment(Ingress).options(
         name="ingress",

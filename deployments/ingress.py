@@ -7,7 +7,6 @@ settle tokens, release the slot and meter usage when the stream closes, however 
 """
 
 import asyncio
-import hashlib
 import json
 import logging
 import math
@@ -21,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
-from deployments.admission import get_admission
+from deployments.admission import admission_actor_name, get_admission
 from deployments.api_errors import OpenAIError, from_engine_error, install_error_handlers
 from deployments.config import TieredConfig
 from deployments.keys import KeyRing, external_keys
@@ -131,9 +130,8 @@ class Ingress:
             for t in self.config.tenants
             if t.dedicated
         }
-        app_key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
         self.admission = get_admission(
-            app_key, pools, dedicated_caps, self.config.dispatch.max_queue_len
+            admission_actor_name(config), pools, dedicated_caps, self.config.dispatch.max_queue_len
         )
 
     # ---- plain endpoints ------------------------------------------------------------

@@ -20,6 +20,7 @@ from ray import serve
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from deployments.admission import ACTOR_NAMESPACE
 from deployments.placement import replica_actor_options, replica_bundles, worker_actor_options
 from deployments.serving_config import ModelSpec, ReplicaSpec
 from deployments.tp_worker import TPWorker, rendezvous_address
@@ -32,6 +33,7 @@ from models.tp import init_parallel
 
 log = logging.getLogger(__name__)
 WORKER_PING_TIMEOUT_S = 5.0
+HEARTBEAT_TIMEOUT_S = 2.0
 WORKER_NAMESPACE = "tiered-tp"
 
 
@@ -46,8 +48,13 @@ class ServedOutput:
 class ModelServer:
     """A Serve replica wrapping AsyncLLMEngine over a TP group."""
 
-    async def __init__(self, model: dict, replica: dict, pool: str = "shared") -> None:
+    async def __init__(
+        self, model: dict, replica: dict, pool: str = "shared", admission: str | None = None
+    ) -> None:
         started = time.monotonic()
+        self.admission_name = admission
+        self._admission = None
+        self._queue_signals: dict[str, float] = {}
         self.spec = ModelSpec.model_validate(model)
         self.replica = ReplicaSpec.model_validate(replica)
         self.pool = pool
@@ -94,7 +101,24 @@ class ModelServer:
         ):
             yield ServedOutput(out, self.replica_id)
 
+    async def _heartbeat(self) -> None:
+        """Tell the admission actor this replica's seats; learn its pool's queue depth."""
+        if not self.admission_name:
+            return
+        try:
+            if self._admission is None:
+                self._admission = ray.get_actor(self.admission_name, namespace=ACTOR_NAMESPACE)
+            self._queue_signals = await asyncio.wait_for(
+                self._admission.replica_heartbeat.remote(
+                    self.pool, self.replica_id, self.spec.engine.max_num_seqs
+                ),
+                HEARTBEAT_TIMEOUT_S,
+            )
+        except Exception:  # no ingress has created it yet, or it restarted: try next time
+            self._admission = None
+
     async def check_health(self) -> None:
+        await self._heartbeat()
         self.engine.check_health()
         if not self._runs:
             return
@@ -122,7 +146,7 @@ class ModelServer:
         return self._load()
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        return self._load()
+        return {**self._load(), **self._queue_signals}
 
     async def stats(self) -> dict[str, Any]:
         """Engine stats plus placement facts, for tests, benchmarks and `tiered status`."""
@@ -147,7 +171,11 @@ class ModelServer:
 
 
 def model_server_app(
-    spec: ModelSpec, replica: ReplicaSpec, name: str, pool: str = "shared"
+    spec: ModelSpec,
+    replica: ReplicaSpec,
+    name: str,
+    pool: str = "shared",
+    admission: str | None = None,
 ) -> serve.Application:
     """A bound Serve deployment of `replica.num_replicas` TP replicas of `spec`."""
     bundles = replica_bundles(spec, replica)
@@ -167,4 +195,4 @@ def model_server_app(
         health_check_timeout_s=max(10.0, WORKER_PING_TIMEOUT_S * 2),
         graceful_shutdown_timeout_s=replica.drain_timeout_s + 5,
     )
-    return deployment.bind(spec.model_dump(), replica.model_dump(), pool)
+    return deployment.bind(spec.model_dump(), replica.model_dump(), pool, admission)

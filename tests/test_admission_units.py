@@ -164,3 +164,28 @@ def test_a_caller_that_gave_up_never_leaks_its_slot() -> None:
         assert state.pools["m"].in_use == 0
 
     _run(main())
+
+
+def test_capacity_follows_replica_heartbeats() -> None:
+    from deployments.admission import HEARTBEAT_TTL_S
+
+    state = AdmissionState({"m": 16}, {"acme": 4}, 16)
+    assert state.pools["m"].capacity == 16  # configured until replicas report
+    state.replica_heartbeat("m", "r1", 16, now=0.0)
+    signals = state.replica_heartbeat("m", "r2", 16, now=1.0)  # autoscaling added one
+    assert state.pools["m"].capacity == 32 and signals["dispatcher_queue_depth"] == 0.0
+    state.replica_heartbeat("m", "r2", 16, now=HEARTBEAT_TTL_S + 5)  # r1 went away
+    assert state.pools["m"].capacity == 16
+    state.replica_heartbeat("dedicated:acme", "d1", 4, now=0.0)
+    state.replica_heartbeat("dedicated:acme", "d2", 4, now=0.0)
+    assert state.dedicated_capacity["acme"] == 8
+
+
+def test_dedicated_reservation_is_the_autoscaling_floor() -> None:
+    from deployments.app import dedicated_replica
+    from deployments.tenancy_config import DedicatedSpec
+
+    fixed = dedicated_replica(DedicatedSpec(model="m", reserved_replicas=2, max_replicas=2))
+    assert fixed.num_replicas == 2 and fixed.autoscaling is None
+    burst = dedicated_replica(DedicatedSpec(model="m", reserved_replicas=2, max_replicas=5))
+    assert burst.autoscaling.min_replicas == 2 and burst.autoscaling.max_replicas == 5
