@@ -26,6 +26,7 @@ from deployments.config import TieredConfig
 from deployments.keys import KeyRing, external_keys
 from deployments.openai_protocol import ChatCompletionRequest, CompletionRequest
 from deployments.openai_responses import SSE_DONE, ResponseBuilder, sse
+from deployments.serving_config import initial_replicas
 from deployments.tenancy_config import TenantSpec
 from models.default_model import resolve_model_path
 from models.errors import InvalidRequestError
@@ -122,7 +123,8 @@ class Ingress:
             max_pos = json.loads((path / "config.json").read_text())["max_position_embeddings"]
             self.context[m.name] = min(m.engine.max_model_len or max_pos, max_pos)
         pools = {
-            m.name: m.shared_pool.num_replicas * m.engine.max_num_seqs for m in self.config.models
+            m.name: initial_replicas(m.shared_pool) * m.engine.max_num_seqs
+            for m in self.config.models
         }
         dedicated_caps = {
             t.name: t.dedicated.reserved_replicas

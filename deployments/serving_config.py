@@ -98,6 +98,11 @@ class ModelSpec(BaseModel):
         )
 
 
+def initial_replicas(replica: ReplicaSpec) -> int:
+    """Replicas a deployment starts with (its autoscaling floor, if it scales)."""
+    return replica.autoscaling.min_replicas if replica.autoscaling else replica.num_replicas
+
+
 def checkpoint_shape(path: str) -> dict[str, int] | None:
     """Head counts of a checkpoint, without building it; None if it cannot be read here."""
     if path.startswith("default:"):
