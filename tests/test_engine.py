@@ -56,14 +56,19 @@ def test_greedy_matches_hf_generate(engine: LLMEngine, tiny_model_dir: Path) -> 
         assert ours["tokens"][0] == want
 
 
-def test_concurrent_requests_equal_their_solo_runs(engine: LLMEngine) -> None:
-    prompts = _prompts(32, 2000, seed=2, low=3, high=120)
-    params = SamplingParams(max_tokens=12, **GREEDY)
+def _assert_batched_equals_solo(
+    engine: LLMEngine, prompts: list[list[int]], params: SamplingParams
+) -> None:
     solo = [generate(engine, p, params)["tokens"][0] for p in prompts]
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", p, params)
     batched = collect(run_to_completion(engine))
-    assert [batched[f"r{i}"]["tokens"][0] for i in range(32)] == solo
+    assert [batched[f"r{i}"]["tokens"][0] for i in range(len(prompts))] == solo
+
+
+def test_concurrent_requests_equal_their_solo_runs(engine: LLMEngine) -> None:
+    prompts = _prompts(32, 2000, seed=2, low=3, high=120)
+    _assert_batched_equals_solo(engine, prompts, SamplingParams(max_tokens=12, **GREEDY))
 
 
 def test_preemption_under_a_small_kv_budget_keeps_outputs(tiny_model_dir: Path) -> None:
@@ -77,13 +82,8 @@ def test_preemption_under_a_small_kv_budget_keeps_outputs(tiny_model_dir: Path) 
         )
     )
     prompts = _prompts(32, 2000, seed=3, low=20, high=100)
-    params = SamplingParams(max_tokens=24, **GREEDY)
-    solo = [generate(small, p, params)["tokens"][0] for p in prompts]
-    for i, p in enumerate(prompts):
-        small.add_request(f"r{i}", p, params)
-    batched = collect(run_to_completion(small))
+    _assert_batched_equals_solo(small, prompts, SamplingParams(max_tokens=24, **GREEDY))
     assert small.stats().num_preemptions > 0
-    assert [batched[f"r{i}"]["tokens"][0] for i in range(32)] == solo
     assert small.kv.num_used_blocks == 0
 
 
