@@ -113,6 +113,27 @@ def signals_from_metrics(metrics: dict[str, dict[Any, float]], replicas: int) ->
     )
 
 
+_replicas_gauge = None
+
+
+def _export(deployment: str, desired: int, actual: int) -> None:
+    """Desired against actual replicas per pool, as `ray_tiered_autoscaling_replicas`."""
+    global _replicas_gauge
+    try:
+        if _replicas_gauge is None:
+            from ray.util.metrics import Gauge
+
+            _replicas_gauge = Gauge(
+                "tiered_autoscaling_replicas",
+                description="Replicas per deployment: what the policy wants and what runs.",
+                tag_keys=("deployment", "kind"),
+            )
+        _replicas_gauge.set(desired, tags={"deployment": deployment, "kind": "desired"})
+        _replicas_gauge.set(actual, tags={"deployment": deployment, "kind": "actual"})
+    except Exception:  # outside a Ray worker (unit tests): nothing to export to
+        pass
+
+
 def llm_pool_policy(ctx) -> tuple[int, dict[str, Any]]:  # type: ignore[no-untyped-def]
     """Serve policy entry point; bounds and delays are applied by Serve around it."""
     targets = (ctx.config.policy.policy_kwargs or {}).get("targets") or AutoscalingSpec().targets()
@@ -127,6 +148,7 @@ def llm_pool_policy(ctx) -> tuple[int, dict[str, Any]]:  # type: ignore[no-untyp
             wanted,
             reason,
         )
+    _export(ctx.deployment_name, wanted, ctx.current_num_replicas)
     state["last_decision"] = {
         "desired": wanted,
         "actual": ctx.current_num_replicas,

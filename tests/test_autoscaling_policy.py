@@ -138,3 +138,95 @@ def test_load_step_scales_up_and_idle_scales_back(ray_cluster, tiny_model_dir) -
         assert running() == 1, "no scale-down within 60 s of going idle"
     finally:
         serve.delete("auto")
+
+
+def test_shared_scaling_stays_off_reserved_nodes_and_reservation_holds(
+    ray_cluster, tiny_model_dir
+) -> None:
+    """Shared replicas are pinned to the head's node type, the dedicated tenant's copy to
+    the worker's: a load step scales the shared pool on its own node type only, and the
+    dedicated deployment stays at its reservation throughout."""
+    import asyncio
+    import threading
+    import time
+
+    import ray
+    from ray import serve
+
+    from deployments.app import build_from_config
+    from deployments.config import TieredConfig
+
+    config = TieredConfig.model_validate(
+        {
+            "models": [
+                {
+                    "name": "m",
+                    "path": str(tiny_model_dir),
+                    "engine": {"num_kv_blocks": 128, "max_num_seqs": 2},
+                    "shared_pool": {
+                        "node_type_resource": "node_head",
+                        "autoscaling": {
+                            "min_replicas": 1,
+                            "max_replicas": 3,
+                            "upscale_delay_s": 1,
+                            "downscale_delay_s": 2,
+                            "metrics_interval_s": 0.5,
+                        },
+                    },
+                }
+            ],
+            "tenants": [
+                {
+                    "name": "acme",
+                    "tier": "dedicated",
+                    "api_key_hashes": [],
+                    "dedicated": {
+                        "model": "m",
+                        "reserved_replicas": 1,
+                        "max_replicas": 1,
+                        "replica": {"node_type_resource": "node_worker"},
+                    },
+                }
+            ],
+            "ingress": {"num_replicas": 1},
+        }
+    )
+    serve.run(build_from_config(config), name="pinned", route_prefix=None)
+    shared = serve.get_deployment_handle("shared-m", app_name="pinned")
+    dedicated = serve.get_deployment_handle("dedicated-acme", app_name="pinned")
+    head = ray.get_runtime_context().get_node_id()  # the driver sits on the head node
+
+    def replicas(name: str) -> int:
+        status = serve.status().applications["pinned"].deployments[name]
+        return status.replica_states.get("RUNNING", 0)
+
+    async def one(i: int) -> None:
+        request = {
+            "request_id": f"p{i}",
+            "prompt": [7] * 16,
+            "params": {"max_tokens": 300, "ignore_eos": True},
+        }
+        async for _ in shared.options(stream=True).generate.remote(request):
+            pass
+
+    async def load() -> None:
+        await asyncio.gather(*(one(i) for i in range(10)))
+
+    try:
+        loader = threading.Thread(target=lambda: asyncio.run(load()))
+        loader.start()
+        deadline = time.monotonic() + 90
+        peak = 1
+        while time.monotonic() < deadline and peak < 2:
+            peak = max(peak, replicas("shared-m"))
+            assert replicas("dedicated-acme") == 1
+            time.sleep(0.5)
+        assert peak >= 2, "the shared pool did not scale up"
+        nodes = {tuple(shared.stats.remote().result(timeout_s=30)["node_ids"]) for _ in range(12)}
+        assert {n for ids in nodes for n in ids} == {head}
+        ded_nodes = dedicated.stats.remote().result(timeout_s=30)["node_ids"]
+        assert head not in ded_nodes
+        loader.join(timeout=180)
+        assert replicas("dedicated-acme") == 1
+    finally:
+        serve.delete("pinned")
