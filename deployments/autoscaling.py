@@ -138,6 +138,7 @@ def llm_pool_policy(ctx) -> tuple[int, dict[str, Any]]:  # type: ignore[no-untyp
     """Serve policy entry point; bounds and delays are applied by Serve around it."""
     targets = (ctx.config.policy.policy_kwargs or {}).get("targets") or AutoscalingSpec().targets()
     signals = signals_from_metrics(ctx.aggregated_metrics or {}, ctx.current_num_replicas)
+    signals.queued += float(getattr(ctx, "total_queued_requests", 0) or 0)  # held at handles
     wanted, reason = desired_replicas(signals, targets)
     state = dict(ctx.policy_state or {})
     if wanted != ctx.current_num_replicas:
