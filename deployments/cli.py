@@ -1,9 +1,4 @@
-"""The `tiered` command line.
-
-Each command group is one `register(subparsers)` function in `COMMANDS`; a command sets
-`handler` (args -> exit code) with `set_defaults`. Heavy imports (torch, Ray) happen inside
-handlers, so `tiered --help` stays fast and this module never imports Ray.
-"""
+"""The `tiered` command line. Subcommands register here; Ray is imported only when needed."""
 
 from __future__ import annotations
 
@@ -13,52 +8,40 @@ from pathlib import Path
 
 from rich.console import Console
 
+console = Console()
 Handler = Callable[[argparse.Namespace], int]
-Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
-
-console = Console(stderr=True)  # decoration on stderr; stdout carries only the result
 
 
 def _model_make_default(args: argparse.Namespace) -> int:
-    from models.default_model import make_default
+    from models.default_model import default_model_path, make_default
 
-    with console.status(f"writing the {args.size} default model"):
-        path = make_default(args.size, args.output)
+    path = make_default(args.size, args.output) if args.output else default_model_path(args.size)
     console.print(f"[green]{args.size}[/green] default model at [bold]{path}[/bold]")
     print(path)
     return 0
 
 
-def register_model(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """`tiered model ...`: the embedded default checkpoints."""
-    model = groups.add_parser("model", help="embedded default checkpoints")
-    commands = model.add_subparsers(dest="model_command", required=True)
-    make = commands.add_parser(
-        "make-default", help="write the seeded default Llama checkpoint and print its path"
-    )
-    make.add_argument("--size", choices=["tiny", "small"], default="tiny")
-    make.add_argument(
-        "--output", type=Path, default=None, help="directory (default: the Tiered cache)"
-    )
-    make.set_defaults(handler=_model_make_default)
-
-
-def register_serve(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """`tiered serve` and `tiered keys`, defined next to the code they run."""
-    from deployments import serve_command
-
-    serve_command.register(groups)
-
-
-COMMANDS: list[Register] = [register_model, register_serve]
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tiered", description="Tiered LLM serving")
     groups = parser.add_subparsers(dest="command", required=True)
-    for register in COMMANDS:
+
+    model = groups.add_parser("model", help="embedded default checkpoints").add_subparsers(
+        dest="model_command", required=True
+    )
+    make = model.add_parser("make-default", help="write the default Llama checkpoint")
+    make.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    make.add_argument("--output", type=Path, default=None)
+    make.set_defaults(handler=_model_make_default)
+
+    for register in _extra_commands():
         register(groups)
     return parser
+
+
+def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    from deployments import serve_command
+
+    return [serve_command.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import ray
 from ray import serve
@@ -22,26 +22,19 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from deployments.admission import ACTOR_NAMESPACE
 from deployments.placement import replica_actor_options, replica_bundles, worker_actor_options
-from deployments.serving_config import (
-    ModelSpec,
-    ReplicaSpec,
-    validate_against_checkpoint,
-    validate_against_cluster,
-)
+from deployments.serving_config import ModelSpec, ReplicaSpec
 from deployments.tp_worker import TPWorker, rendezvous_address
 from models.async_engine import AsyncLLMEngine
 from models.default_model import resolve_model_path
 from models.errors import EngineDeadError
 from models.outputs import RequestOutput
 from models.sampling_params import SamplingParams
-from models.tp import ParallelContext, init_parallel
+from models.tp import init_parallel
 
 log = logging.getLogger(__name__)
 WORKER_PING_TIMEOUT_S = 5.0
 HEARTBEAT_TIMEOUT_S = 2.0
 WORKER_NAMESPACE = "tiered-tp"
-SHUTDOWN_MARGIN_S = 3.0  # after the drain: __del__ stops the engine and the ranks
-T = TypeVar("T")
 
 
 @dataclass
@@ -66,69 +59,35 @@ class ModelServer:
         self.replica = ReplicaSpec.model_validate(replica)
         self.pool = pool
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.replica_actor = serve.get_replica_context().replica_id.to_full_id_str()
         model_dir = str(resolve_model_path(self.spec.path))
+        tp = self.replica.tp_size
         self.workers: list[Any] = []
         self._runs: list[ray.ObjectRef] = []
-        parallel = await self._start_ranks(model_dir)
+        parallel = None
+        if tp > 1:
+            bundles = replica_bundles(self.spec, self.replica)
+            pg = get_current_placement_group()
+            address = rendezvous_address()
+            for rank in range(1, tp):
+                worker = TPWorker.options(
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        pg, placement_group_bundle_index=rank
+                    ),
+                    name=f"{self.replica_id}-rank{rank}",
+                    namespace=WORKER_NAMESPACE,
+                    **worker_actor_options(bundles[rank]),
+                ).remote(rank)
+                config = self.spec.engine_config(self.replica, rank, model_dir)
+                self._runs.append(worker.run.remote(config, tp, address))
+                self.workers.append(worker)
+            device = self.spec.engine.device
+            parallel = await asyncio.to_thread(init_parallel, 0, tp, address, device)
         config0 = self.spec.engine_config(self.replica, 0, model_dir)
-        self.engine = await self._unless_a_rank_fails(
-            asyncio.to_thread(AsyncLLMEngine, config0, parallel, self.replica.stall_timeout_s),
-            "loading the model",
+        self.engine = await asyncio.to_thread(
+            AsyncLLMEngine, config0, parallel, self.replica.stall_timeout_s
         )
         self.cold_start_s = time.monotonic() - started
-        log.info(
-            "replica of %s (tp=%d) ready in %.1fs",
-            self.spec.name,
-            self.replica.tp_size,
-            self.cold_start_s,
-        )
-
-    async def _start_ranks(self, model_dir: str) -> ParallelContext | None:
-        """Start ranks 1..N-1 in this replica's bundles 1..N-1, then join their group."""
-        tp = self.replica.tp_size
-        if tp == 1:
-            return None
-        bundles = replica_bundles(self.spec, self.replica)
-        pg = get_current_placement_group()
-        address = rendezvous_address()  # on rank 0's node, so cross-node ranks dial in
-        for rank in range(1, tp):
-            worker = TPWorker.options(
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    pg, placement_group_bundle_index=rank
-                ),
-                name=f"{self.replica_id}-rank{rank}",
-                namespace=WORKER_NAMESPACE,
-                **worker_actor_options(bundles[rank]),
-            ).remote(rank)
-            config = self.spec.engine_config(self.replica, rank, model_dir)
-            self._runs.append(worker.run.remote(config, tp, address))
-            self.workers.append(worker)
-        device = self.spec.engine.device
-        return await self._unless_a_rank_fails(
-            asyncio.to_thread(init_parallel, 0, tp, address, device),
-            "joining the process group",
-        )
-
-    async def _unless_a_rank_fails(self, work: Awaitable[T], what: str) -> T:
-        """Await rank 0's part of startup, but fail at once (with the rank's own error)
-        if a worker rank exits first, instead of waiting out the rendezvous timeout."""
-        task = asyncio.ensure_future(work)
-        if not self._runs:
-            return await task
-        runs = [ref.as_future() for ref in self._runs]
-        try:
-            await asyncio.wait([task, *runs], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for fut in runs:
-                fut.cancel()
-        if task.done():
-            return task.result()
-        failed = next(fut for fut in runs if fut.done() and not fut.cancelled())
-        cause = failed.exception()
-        raise EngineDeadError(
-            f"tensor-parallel rank {runs.index(failed) + 1} exited while {what}: {cause!r}"
-        ) from cause
+        log.info("replica of %s (tp=%d) ready in %.1fs", self.spec.name, tp, self.cold_start_s)
 
     async def generate(self, request: dict) -> AsyncIterator[ServedOutput]:
         """Stream outputs for {request_id, prompt, params, priority, cache_salt}."""
@@ -193,13 +152,9 @@ class ModelServer:
         """Engine stats plus placement facts, for tests, benchmarks and `tiered status`."""
         node_ids = [ray.get_runtime_context().get_node_id()]
         node_ids += await asyncio.gather(*(w.node_id.remote() for w in self.workers))
-        engine_stats = self.engine.stats()
         return {
-            **asdict(engine_stats),
-            "kv_usage": engine_stats.kv_usage,
-            "prefix_hit_rate": engine_stats.prefix_hit_rate,
+            **asdict(self.engine.stats()),
             "replica_id": self.replica_id,
-            "replica_actor": self.replica_actor,
             "node_ids": node_ids,
             "cold_start_s": self.cold_start_s,
             "worker_names": [f"{self.replica_id}-rank{r}" for r in range(1, self.replica.tp_size)],
@@ -207,46 +162,22 @@ class ModelServer:
         }
 
     async def __del__(self) -> None:
-        """Serve's shutdown hook, run after Serve has drained in-flight requests (up to
-        drain_timeout_s; none are routed here meanwhile): stop the engine, which releases
-        the worker ranks, then kill them. Serve then removes the placement group."""
+        """Drain in-flight requests up to the configured timeout, then release the ranks."""
         engine = getattr(self, "engine", None)
-        try:
-            if engine is not None:
-                engine.check_health()
-        except EngineDeadError:
-            self._kill_workers()  # a rank is gone or hung: free rank 0 from its collective
         if engine is not None:
-            await engine.shutdown(0.0)
-        self._kill_workers()
-
-    def _kill_workers(self) -> None:
+            await engine.shutdown(self.replica.drain_timeout_s)
         for worker in getattr(self, "workers", []):
-            ray.kill(worker, no_restart=True)
+            ray.kill(worker)
 
 
-def cluster_nodes() -> list[dict[str, float]]:
-    """Total resources of each live node, for `validate_against_cluster` (needs Ray up)."""
-    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
-
-
-def model_server_deployment(
+def model_server_app(
     spec: ModelSpec,
     replica: ReplicaSpec,
     name: str,
     pool: str = "shared",
     admission: str | None = None,
-    nodes: list[dict[str, float]] | None = None,
 ) -> serve.Application:
-    """A bound Serve deployment of TP replicas of `spec`, one placement group each.
-
-    Validates first, so bad configuration fails here and nothing is scheduled: against
-    the checkpoint always, and against `nodes` (e.g. `cluster_nodes()`) when given. Leave
-    `nodes` out where an autoscaler will add the nodes a replica needs.
-    """
-    validate_against_checkpoint(spec, replica, name)
-    if nodes is not None:
-        validate_against_cluster(spec, nodes, replica, name)
+    """A bound Serve deployment of `replica.num_replicas` TP replicas of `spec`."""
     bundles = replica_bundles(spec, replica)
     scaling: dict = (
         {"autoscaling_config": replica.autoscaling.serve_config()}
@@ -262,12 +193,6 @@ def model_server_deployment(
         placement_group_strategy=replica.placement_strategy,
         health_check_period_s=replica.health_check_period_s,
         health_check_timeout_s=max(10.0, WORKER_PING_TIMEOUT_S * 2),
-        # Serve drains in-flight requests (no new ones are routed here) for up to this
-        # long, runs __del__, then kills the actor and removes the placement group.
-        graceful_shutdown_timeout_s=replica.drain_timeout_s + SHUTDOWN_MARGIN_S,
-        graceful_shutdown_wait_loop_s=0.5,
+        graceful_shutdown_timeout_s=replica.drain_timeout_s + 5,
     )
     return deployment.bind(spec.model_dump(), replica.model_dump(), pool, admission)
-
-
-model_server_app = model_server_deployment  # the name the app builder and benches use

@@ -1,57 +1,19 @@
-"""Tokenizer: encoding, BOS/EOS handling and chat templates, against HF transformers."""
+"""Tokenizer, chat templates, incremental detokenization and the default checkpoint."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import processors
 
-from models.errors import InvalidRequestError, UnsupportedModelError
+from models.default_model import SHAPES, make_default
+from models.detokenizer import IncrementalDetokenizer
+from models.errors import InvalidRequestError
 from models.tokenizer import Tokenizer
-
-# Written for this test in the shape of Llama 3's template: header tokens, `| trim`,
-# bos only before the first message, `raise_exception` for unknown roles.
-LLAMA3_STYLE_TEMPLATE = """\
-{%- if messages[0]['role'] == 'system' -%}
-    {%- set system = messages[0]['content'] | trim -%}
-    {%- set messages = messages[1:] -%}
-{%- else -%}
-    {%- set system = 'Today is ' + strftime_now('%Y') + '.' -%}
-{%- endif -%}
-{{- bos_token + '<|start_header_id|>system<|end_header_id|>\\n\\n' + system + '<|eot_id|>' -}}
-{%- for message in messages -%}
-    {%- if message['role'] not in ['user', 'assistant'] -%}
-        {{- raise_exception('unsupported role: ' + message['role']) -}}
-    {%- endif -%}
-    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' -}}
-    {{- message['content'] | trim + '<|eot_id|>' -}}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}
-{%- endif -%}
-"""
-
-# Qwen2 style: no BOS at all, a default system prompt, tool calls rendered with `tojson`.
-QWEN2_STYLE_TEMPLATE = """\
-{%- if messages[0]['role'] != 'system' %}
-{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}
-{%- endif %}
-{%- for message in messages %}
-{%- if loop.index0 > 8 %}{% break %}{% endif %}
-{{- '<|im_start|>' + message.role + '\\n' + message.content }}
-{%- if message.tool_calls %}
-{{- '<tool_call>' + message.tool_calls | tojson + '</tool_call>' }}
-{%- endif %}
-{{- '<|im_end|>\\n' }}
-{%- endfor %}
-{%- if add_generation_prompt %}
-{{- '<|im_start|>assistant\\n' }}
-{%- endif %}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -59,159 +21,110 @@ def tok(tiny_model_dir: Path) -> Tokenizer:
     return Tokenizer.from_pretrained(tiny_model_dir)
 
 
-def _checkpoint(
-    root: Path, source: Path, tokenizer_config: dict, *, extra: dict | None = None
-) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    shutil.copy(source / "tokenizer.json", root / "tokenizer.json")
-    (root / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    for name, data in (extra or {}).items():
-        (root / name).write_text(json.dumps(data))
-    return root
-
-
-def test_default_tokenizer_ids_and_round_trip(tok: Tokenizer) -> None:
-    assert tok.vocab_size == 4096
-    assert tok.bos_token_id == 0 and tok.eos_token_ids == frozenset({1, 3})
-    for text in ["Hello, wörld", "日本語の文章 🚀🙂 👩🏽‍🔬", "def f(x):\n\treturn x ** 2", "\x00\x7f\u200b"]:
-        ids = tok.encode(text)
-        assert ids[:1] != [0]  # add_bos_token is false and no post-processor adds one
-        assert tok.decode(ids) == text
-    assert tok.decode([0, *tok.encode("hi"), 3]) == "hi"
-    assert tok.decode([0, *tok.encode("hi"), 3], skip_special_tokens=False) == (
-        "<|begin_of_text|>hi<|im_end|>"
-    )
-    assert tok.token_text(3) == "<|im_end|>"
+def test_round_trip_and_special_tokens(tok: Tokenizer) -> None:
+    text = "Hello, wörld — 日本語 🚀 def f(x): return x"
+    assert tok.decode(tok.encode(text)) == text
+    assert 3 in tok.eos_token_ids and tok.bos_token_id == 0
+    assert tok.vocab_size == 2048
 
 
 def test_matches_hf_auto_tokenizer(tok: Tokenizer, tiny_model_dir: Path) -> None:
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
-    text = "The lighthouse keeper — 灯台守 🙂 said: «hello»"
-    assert tok.encode(text) == hf(text).input_ids
-    assert tok.decode(tok.encode(text)) == hf.decode(hf(text).input_ids)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 🙂"}]
-    for gen in (True, False):
-        ours = tok.apply_chat_template(messages, add_generation_prompt=gen)
-        assert ours == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
-    assert tok.apply_chat_template(messages) == (
-        "<|begin_of_text|><|im_start|>system\nBe brief.<|im_end|>\n"
-        "<|im_start|>user\nHi 🙂<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.apply_chat_template(messages) == hf.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
     )
-    # The rendered prompt's special tokens encode as single ids.
-    ids = tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
-    assert ids[:2] == [0, 2] and ids.count(3) == 2
+    assert tok.encode("The lighthouse keeper") == hf("The lighthouse keeper").input_ids
 
 
-def test_llama3_style_directory(tmp_path: Path, tiny_model_dir: Path) -> None:
-    backend = HFTokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
-    backend.add_special_tokens(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
-    # Llama 3's post-processor prepends BOS itself.
-    backend.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)]
+def test_llama3_style_template_and_errors(tmp_path: Path, tiny_model_dir: Path) -> None:
+    for name in ("tokenizer.json", "config.json"):
+        (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
+    template = (
+        "{% set loop_messages = messages %}{{ bos_token }}"
+        "{% for message in loop_messages %}"
+        "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+        "{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
+        "{{ '<|im_start|>' + message['role'] + '\n\n' + message['content'] | trim + '<|im_end|>' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n\n' }}{% endif %}"
     )
-    root = tmp_path / "llama3"
-    root.mkdir()
-    backend.save(str(root / "tokenizer.json"))
     config = {
-        "bos_token": {"content": "<|begin_of_text|>", "special": True, "lstrip": False},
-        "eos_token": {"content": "<|eot_id|>", "special": True},
-        "add_bos_token": True,
-        "chat_template": [
-            {"name": "tool_use", "template": "{{ raise_exception('wrong template') }}"},
-            {"name": "default", "template": LLAMA3_STYLE_TEMPLATE},
-        ],
+        "bos_token": {"content": "<|begin_of_text|>"},
+        "eos_token": "<|im_end|>",
+        "chat_template": [{"name": "default", "template": template}],
     }
-    (root / "tokenizer_config.json").write_text(json.dumps(config))
-    (root / "config.json").write_text(json.dumps({"eos_token_id": 1}))
-    (root / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 4097]}))
-
-    tok = Tokenizer.from_pretrained(root)
-    eot = backend.token_to_id("<|eot_id|>")
-    assert eot == 4098 and tok.eos_token_ids == frozenset({1, 4097, eot})
-    assert tok.bos_token_id == 0
-    assert tok.encode("hello").count(0) == 1 and tok.encode("hello")[0] == 0  # BOS exactly once
-    assert tok.encode("hello", add_special_tokens=False)[:1] != [0]
-
-    rendered = tok.apply_chat_template(
-        [{"role": "system", "content": " Be kind. "}, {"role": "user", "content": "Hi\n"}]
-    )
-    assert rendered == (
-        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe kind.<|eot_id|>"
-        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n"
-    )
-    ids = tok.encode(rendered, add_special_tokens=False)
-    assert ids[:2] == [0, backend.token_to_id("<|start_header_id|>")]
-    assert ids.count(eot) == 2
-    dated = tok.apply_chat_template([{"role": "user", "content": "x"}])
-    assert "Today is 20" in dated  # strftime_now is provided
-    with pytest.raises(InvalidRequestError) as err:
-        tok.apply_chat_template([{"role": "tool", "content": "42"}])
-    assert err.value.param == "messages" and err.value.message == "unsupported role: tool"
-
-
-def test_qwen2_style_no_bos_tojson_and_loop_controls(tmp_path: Path, tiny_model_dir: Path) -> None:
-    root = _checkpoint(
-        tmp_path / "qwen",
-        tiny_model_dir,
-        {"bos_token": None, "eos_token": "<|im_end|>", "chat_template": QWEN2_STYLE_TEMPLATE},
-        extra={"generation_config.json": {"eos_token_id": [3, 1]}},
-    )
-    tok = Tokenizer.from_pretrained(root)
-    assert tok.bos_token_id is None and tok.eos_token_ids == frozenset({1, 3})
-    out = tok.apply_chat_template([{"role": "user", "content": "<b>café</b>"}])
-    assert out == (
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-        "<|im_start|>user\n<b>café</b><|im_end|>\n<|im_start|>assistant\n"
-    )
-    many = [{"role": "user", "content": str(i)} for i in range(20)]
-    assert tok.apply_chat_template(many).count("<|im_start|>user") == 9  # {% break %} works
-
-    calls = [{"name": "lookup", "arguments": {"q": "<things> & más"}}]
-    chat = [
-        {"role": "user", "content": "find it"},
-        {"role": "assistant", "content": "", "tool_calls": calls},
-    ]
-    out = tok.apply_chat_template(chat, add_generation_prompt=False)
-    # HF's tojson: no HTML escaping, non-ASCII kept.
-    assert '<tool_call>[{"name": "lookup", "arguments": {"q": "<things> & más"}}]' in out
-    transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoTokenizer.from_pretrained(root)
-    assert out == hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=False)
-
-
-@pytest.mark.parametrize(
-    ("template", "match"),
-    [
-        ("{{ messages[0]['content'] + 1 }}", "could not apply the chat template"),
-        ("{{ messages[5]['content'] | upper }}", "could not apply the chat template"),
-        ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "could not apply the chat template"),
-        ("{% set _ = messages.append(messages[0]) %}x", "could not apply the chat template"),
-        ("{% for m in messages %}{{ m.content }", "does not compile"),
-    ],
-)
-def test_template_failures_are_invalid_requests(
-    tmp_path: Path, tiny_model_dir: Path, template: str, match: str
-) -> None:
-    root = _checkpoint(tmp_path, tiny_model_dir, {"chat_template": template})
-    tok = Tokenizer.from_pretrained(root)  # a broken template fails requests, not loading
-    with pytest.raises(InvalidRequestError, match=match) as err:
-        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = Tokenizer.from_pretrained(tmp_path)
+    out = tok.apply_chat_template([{"role": "user", "content": " hi "}])
+    assert out == "<|begin_of_text|><|im_start|>user\n\nhi<|im_end|><|im_start|>assistant\n\n"
+    with pytest.raises(InvalidRequestError, match="unknown role tool") as err:
+        tok.apply_chat_template([{"role": "tool", "content": "x"}])
     assert err.value.param == "messages"
 
 
-def test_no_template_and_missing_files(tmp_path: Path, tiny_model_dir: Path) -> None:
-    tok = Tokenizer.from_pretrained(_checkpoint(tmp_path / "plain", tiny_model_dir, {}))
-    assert not tok.has_chat_template and tok.bos_token_id is None and not tok.eos_token_ids
-    with pytest.raises(InvalidRequestError, match="no chat template"):
-        tok.apply_chat_template([{"role": "user", "content": "hi"}])
-    with pytest.raises(UnsupportedModelError, match=r"no tokenizer\.json"):
-        Tokenizer.from_pretrained(tmp_path / "empty")
+def _stream(
+    tok: Tokenizer, ids: list[int], stop: list[str]
+) -> tuple[list[str], IncrementalDetokenizer]:
+    detok = IncrementalDetokenizer(tok, [5, 6], stop)
+    pieces = []
+    for t in ids:
+        pieces.append(detok.push(t))
+        if detok.stopped:
+            break
+    pieces.append(detok.flush())
+    return pieces, detok
 
 
-def test_add_bos_token_without_post_processor(tmp_path: Path, tiny_model_dir: Path) -> None:
-    config = {"bos_token": "<|begin_of_text|>", "add_bos_token": True}
-    tok = Tokenizer.from_pretrained(_checkpoint(tmp_path, tiny_model_dir, config))
-    assert tok.encode("hello")[0] == 0 and tok.encode("hello").count(0) == 1
-    assert 0 not in tok.encode("hello", add_special_tokens=False)
+def test_detokenizer_never_splits_characters(tok: Tokenizer) -> None:
+    text = "naïve café 日本語の文章 🚀🙂 done"
+    ids = tok.encode(text)
+    assert len(ids) > len(text.split())  # multi-byte characters span several tokens
+    pieces, detok = _stream(tok, ids, [])
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == detok.text == text
+
+
+def test_stop_strings_across_token_boundaries(tok: Tokenizer) -> None:
+    text = "The lighthouse keeper told stories about ships."
+    ids = tok.encode(text)
+    pieces, detok = _stream(tok, ids, ["house keep", "zzz"])
+    assert detok.stopped
+    assert "".join(pieces) == detok.text == "The light"
+    # Held-back text never contains a prefix that later turns out to be a stop string.
+    pieces, detok = _stream(tok, ids, ["ships!"])
+    assert not detok.stopped and "".join(pieces) == text
+
+
+def test_default_model_is_deterministic_and_sized(tmp_path: Path) -> None:
+    a, b = make_default("tiny", tmp_path / "a"), make_default("tiny", tmp_path / "b")
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (
+            hashlib.sha256((a / name).read_bytes()).digest()
+            == hashlib.sha256((b / name).read_bytes()).digest()
+        )
+    s = SHAPES["small"]
+    h, inter, layers = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
+    kv = s["num_key_value_heads"] * h // s["num_attention_heads"]
+    params = layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + 2 * s["vocab_size"] * h
+    assert params * 4 >= 300e6
+
+
+def test_cli_make_default(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deployments.cli",
+            "model",
+            "make-default",
+            "--output",
+            str(tmp_path / "m"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    assert str(tmp_path / "m") in out.stdout
