@@ -1,12 +1,30 @@
-"""Tenants, tiers, limits and admission settings (the `tenants:` part of the YAML)."""
+"""Tenants, tiers, limits and admission settings (the `tenants:` part of the YAML).
+
+Validation happens here, at load time, so that a typo in a key hash or a dedicated
+section fails `tiered serve` with the field named instead of denying traffic later.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 from deployments.serving_config import ReplicaSpec
+
+HASH_PATTERN = r"^sha256:[0-9a-fA-F]{64}$"  # stored lowercased
+# A stored API key: "sha256:" + 64 lowercase hex digits (see deployments.keys.hash_key).
+KeyHash = Annotated[
+    str, StringConstraints(strip_whitespace=True, to_lower=True, pattern=HASH_PATTERN)
+]
+TENANT_NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 
 
 class DedicatedSpec(BaseModel):
@@ -33,11 +51,11 @@ class DedicatedSpec(BaseModel):
 class TenantSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(min_length=1, max_length=64, pattern=TENANT_NAME_PATTERN)
     tier: Literal["shared", "dedicated"] = "shared"
-    api_key_hashes: list[str] = []
+    api_key_hashes: list[KeyHash] = []
     priority: int = Field(0, description="Band in the shared pool; higher goes first.")
-    weight: float = Field(1.0, gt=0)
+    weight: float = Field(1.0, gt=0, description="Share of tokens against others in its band.")
     rpm: int | None = Field(None, ge=1)
     tpm: int | None = Field(None, ge=1)
     max_concurrency: int | None = Field(None, ge=1)
@@ -50,19 +68,54 @@ class TenantSpec(BaseModel):
             raise ValueError(f"tenant {self.name!r}: tier 'dedicated' needs a 'dedicated' section")
         if self.tier == "shared" and self.dedicated is not None:
             raise ValueError(f"tenant {self.name!r}: tier 'shared' cannot have 'dedicated'")
+        if self.dedicated is not None and not self.may_use(self.dedicated.model):
+            raise ValueError(
+                f"tenant {self.name!r}: dedicated model {self.dedicated.model!r} "
+                f"is not among its allowed models {self.models}"
+            )
         return self
 
     def may_use(self, model: str) -> bool:
         return not self.models or model in self.models
 
 
-class DispatchSpec(BaseModel):
-    """The shared pool's fair dispatcher."""
+def check_tenants(tenants: list[TenantSpec]) -> list[TenantSpec]:
+    """Names unique; no key hash shared by two tenants (it would authenticate as either)."""
+    seen: dict[str, str] = {}
+    names = [t.name for t in tenants]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate tenant names: {duplicates}")
+    for tenant in tenants:
+        for digest in tenant.api_key_hashes:
+            owner = seen.setdefault(digest, tenant.name)
+            if owner != tenant.name:
+                raise ValueError(
+                    f"key hash {digest[:19]}... is listed for {owner!r} and {tenant.name!r}"
+                )
+    return tenants
+
+
+# `tenants: Tenants = []` in a config model applies check_tenants at load time.
+Tenants = Annotated[list[TenantSpec], AfterValidator(check_tenants)]
+
+
+class AdminSpec(BaseModel):
+    """Who may read GET /admin/usage, and which keys no longer authenticate anyone."""
 
     model_config = ConfigDict(extra="forbid")
 
-    queue_deadline_s: float = Field(30.0, gt=0)
-    max_queue_len: int = Field(1024, ge=1)
+    key_hashes: list[KeyHash] = []
+    revoked_key_hashes: list[KeyHash] = []
+
+
+class DispatchSpec(BaseModel):
+    """The fair dispatcher of each shared pool (the same settings for every pool)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    queue_deadline_s: float = Field(30.0, gt=0, description="Longest wait for a slot, then 429.")
+    max_queue_len: int = Field(1024, ge=1, description="Waiters per pool beyond which 429.")
 
 
 class IngressSpec(BaseModel):

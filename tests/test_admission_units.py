@@ -66,8 +66,8 @@ def _run(coro):
 def test_no_queue_in_front_of_a_free_slot() -> None:
     async def main() -> None:
         d = FairDispatcher(capacity=2)
-        assert await d.acquire("a", 0, 1.0, 10, 1.0) == 0.0
-        assert await d.acquire("b", 0, 1.0, 10, 1.0) == 0.0
+        assert (await d.acquire("a", 0, 1.0, 10, 1.0)).waited_s == 0.0
+        assert (await d.acquire("b", 0, 1.0, 10, 1.0)).waited_s == 0.0
         assert d.in_use == 2 and d.depth == 0
 
     _run(main())
