@@ -3,7 +3,13 @@
 Rank 0 runs inside the replica actor (scheduler, sampling, the async engine); ranks
 1..N-1 are `TPWorker` actors placed in the replica's other bundles. Health fails when any
 rank is gone or the engine loop stalls, and Serve then replaces the replica, and with it
-every rank, since the workers are owned by the replica actor.
+every rank: the workers are owned by the replica actor and sit in its placement group,
+which Serve removes when it stops the replica.
+
+Serve 2.60's gang scheduling (`GangSchedulingConfig`, RESTART_GANG) is not used: a gang is
+N replicas that each take requests, while here only rank 0 takes requests and the other
+ranks follow its steps. One replica owning one placement group gives the same
+all-or-nothing restart without routing requests to followers.
 """
 
 from __future__ import annotations
@@ -11,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 from ray import serve
@@ -22,19 +28,25 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from deployments.admission import ACTOR_NAMESPACE
 from deployments.placement import replica_actor_options, replica_bundles, worker_actor_options
-from deployments.serving_config import ModelSpec, ReplicaSpec
+from deployments.serving_config import (
+    ModelSpec,
+    ReplicaSpec,
+    validate_against_checkpoint,
+    validate_against_cluster,
+)
 from deployments.tp_worker import TPWorker, rendezvous_address
 from models.async_engine import AsyncLLMEngine
 from models.default_model import resolve_model_path
 from models.errors import EngineDeadError
 from models.outputs import RequestOutput
 from models.sampling_params import SamplingParams
-from models.tp import init_parallel
+from models.tp import ParallelContext, init_parallel
 
 log = logging.getLogger(__name__)
 WORKER_PING_TIMEOUT_S = 5.0
 HEARTBEAT_TIMEOUT_S = 2.0
 WORKER_NAMESPACE = "tiered-tp"
+T = TypeVar("T")
 
 
 @dataclass
@@ -59,35 +71,69 @@ class ModelServer:
         self.replica = ReplicaSpec.model_validate(replica)
         self.pool = pool
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.replica_actor = serve.get_replica_context().replica_id.to_full_id_str()
         model_dir = str(resolve_model_path(self.spec.path))
-        tp = self.replica.tp_size
         self.workers: list[Any] = []
         self._runs: list[ray.ObjectRef] = []
-        parallel = None
-        if tp > 1:
-            bundles = replica_bundles(self.spec, self.replica)
-            pg = get_current_placement_group()
-            address = rendezvous_address()
-            for rank in range(1, tp):
-                worker = TPWorker.options(
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(
-                        pg, placement_group_bundle_index=rank
-                    ),
-                    name=f"{self.replica_id}-rank{rank}",
-                    namespace=WORKER_NAMESPACE,
-                    **worker_actor_options(bundles[rank]),
-                ).remote(rank)
-                config = self.spec.engine_config(self.replica, rank, model_dir)
-                self._runs.append(worker.run.remote(config, tp, address))
-                self.workers.append(worker)
-            device = self.spec.engine.device
-            parallel = await asyncio.to_thread(init_parallel, 0, tp, address, device)
+        parallel = await self._start_ranks(model_dir)
         config0 = self.spec.engine_config(self.replica, 0, model_dir)
-        self.engine = await asyncio.to_thread(
-            AsyncLLMEngine, config0, parallel, self.replica.stall_timeout_s
+        self.engine = await self._unless_a_rank_fails(
+            asyncio.to_thread(AsyncLLMEngine, config0, parallel, self.replica.stall_timeout_s),
+            "loading the model",
         )
         self.cold_start_s = time.monotonic() - started
-        log.info("replica of %s (tp=%d) ready in %.1fs", self.spec.name, tp, self.cold_start_s)
+        log.info(
+            "replica of %s (tp=%d) ready in %.1fs",
+            self.spec.name,
+            self.replica.tp_size,
+            self.cold_start_s,
+        )
+
+    async def _start_ranks(self, model_dir: str) -> ParallelContext | None:
+        """Start ranks 1..N-1 in this replica's bundles 1..N-1, then join their group."""
+        tp = self.replica.tp_size
+        if tp == 1:
+            return None
+        bundles = replica_bundles(self.spec, self.replica)
+        pg = get_current_placement_group()
+        address = rendezvous_address()  # on rank 0's node, so cross-node ranks dial in
+        for rank in range(1, tp):
+            worker = TPWorker.options(
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    pg, placement_group_bundle_index=rank
+                ),
+                name=f"{self.replica_id}-rank{rank}",
+                namespace=WORKER_NAMESPACE,
+                **worker_actor_options(bundles[rank]),
+            ).remote(rank)
+            config = self.spec.engine_config(self.replica, rank, model_dir)
+            self._runs.append(worker.run.remote(config, tp, address))
+            self.workers.append(worker)
+        device = self.spec.engine.device
+        return await self._unless_a_rank_fails(
+            asyncio.to_thread(init_parallel, 0, tp, address, device),
+            "joining the process group",
+        )
+
+    async def _unless_a_rank_fails(self, work: Awaitable[T], what: str) -> T:
+        """Await rank 0's part of startup, but fail at once (with the rank's own error)
+        if a worker rank exits first, instead of waiting out the rendezvous timeout."""
+        task = asyncio.ensure_future(work)
+        if not self._runs:
+            return await task
+        runs = [asyncio.wrap_future(ref.future()) for ref in self._runs]
+        try:
+            await asyncio.wait([task, *runs], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for fut in runs:
+                fut.cancel()
+        if task.done():
+            return task.result()
+        failed = next(fut for fut in runs if fut.done() and not fut.cancelled())
+        cause = failed.exception()
+        raise EngineDeadError(
+            f"tensor-parallel rank {runs.index(failed) + 1} exited while {what}: {cause!r}"
+        ) from cause
 
     async def generate(self, request: dict) -> AsyncIterator[ServedOutput]:
         """Stream outputs for {request_id, prompt, params, priority, cache_salt}."""
@@ -118,17 +164,25 @@ class ModelServer:
             self._admission = None
 
     async def check_health(self) -> None:
+        """Fail when the engine loop died or stalled, or a rank exited or stops answering.
+
+        A dead loop, a stall or an exited rank is final: the followers are killed at once,
+        which breaks rank 0 out of any collective it is stuck in, so in-flight streams end
+        with EngineDeadError now rather than when Serve's drain times out."""
         await self._heartbeat()
-        self.engine.check_health()
-        if not self._runs:
-            return
-        done, _ = ray.wait(self._runs, num_returns=len(self._runs), timeout=0)
-        if done:
-            raise EngineDeadError(f"{len(done)} tensor-parallel rank(s) exited")
+        try:
+            self.engine.check_health()
+            if self._runs:
+                done, _ = ray.wait(self._runs, num_returns=len(self._runs), timeout=0)
+                if done:
+                    raise EngineDeadError(f"{len(done)} tensor-parallel rank(s) exited")
+        except EngineDeadError:
+            self._kill_workers()
+            raise
         pings = [w.ping.remote() for w in self.workers]
         try:
             await asyncio.wait_for(asyncio.gather(*pings), WORKER_PING_TIMEOUT_S)
-        except Exception as exc:
+        except Exception as exc:  # a slow answer may be load: Serve counts repeated failures
             raise EngineDeadError(f"a tensor-parallel rank is unreachable: {exc!r}") from exc
 
     def _load(self) -> dict[str, float]:
@@ -152,9 +206,13 @@ class ModelServer:
         """Engine stats plus placement facts, for tests, benchmarks and `tiered status`."""
         node_ids = [ray.get_runtime_context().get_node_id()]
         node_ids += await asyncio.gather(*(w.node_id.remote() for w in self.workers))
+        engine_stats = self.engine.stats()
         return {
-            **asdict(self.engine.stats()),
+            **asdict(engine_stats),
+            "kv_usage": engine_stats.kv_usage,
+            "prefix_hit_rate": engine_stats.prefix_hit_rate,
             "replica_id": self.replica_id,
+            "replica_actor": self.replica_actor,
             "node_ids": node_ids,
             "cold_start_s": self.cold_start_s,
             "worker_names": [f"{self.replica_id}-rank{r}" for r in range(1, self.replica.tp_size)],
@@ -162,22 +220,48 @@ class ModelServer:
         }
 
     async def __del__(self) -> None:
-        """Drain in-flight requests up to the configured timeout, then release the ranks."""
+        """Serve's shutdown hook, run once Serve has drained in-flight requests within
+        drain_timeout_s (none are routed here meanwhile): stop the engine, which releases
+        the worker ranks, then kill them. Serve then removes the placement group. Past
+        the timeout Serve kills the replica instead, and the streams still open end with
+        an actor error."""
         engine = getattr(self, "engine", None)
+        try:
+            if engine is not None:
+                engine.check_health()
+        except EngineDeadError:
+            self._kill_workers()  # a rank is gone or hung: free rank 0 from its collective
         if engine is not None:
-            await engine.shutdown(self.replica.drain_timeout_s)
+            await engine.shutdown(0.0)
+        self._kill_workers()
+
+    def _kill_workers(self) -> None:
         for worker in getattr(self, "workers", []):
-            ray.kill(worker)
+            ray.kill(worker, no_restart=True)
 
 
-def model_server_app(
+def cluster_nodes() -> list[dict[str, float]]:
+    """Total resources of each live node, for `validate_against_cluster` (needs Ray up)."""
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def model_server_deployment(
     spec: ModelSpec,
     replica: ReplicaSpec,
     name: str,
     pool: str = "shared",
     admission: str | None = None,
+    nodes: list[dict[str, float]] | None = None,
 ) -> serve.Application:
-    """A bound Serve deployment of `replica.num_replicas` TP replicas of `spec`."""
+    """A bound Serve deployment of TP replicas of `spec`, one placement group each.
+
+    Validates first, so bad configuration fails here and nothing is scheduled: against
+    the checkpoint always, and against `nodes` (e.g. `cluster_nodes()`) when given. Leave
+    `nodes` out where an autoscaler will add the nodes a replica needs.
+    """
+    validate_against_checkpoint(spec, replica, name)
+    if nodes is not None:
+        validate_against_cluster(spec, nodes, replica, name)
     bundles = replica_bundles(spec, replica)
     scaling: dict = (
         {"autoscaling_config": replica.autoscaling.serve_config()}
@@ -193,6 +277,13 @@ def model_server_app(
         placement_group_strategy=replica.placement_strategy,
         health_check_period_s=replica.health_check_period_s,
         health_check_timeout_s=max(10.0, WORKER_PING_TIMEOUT_S * 2),
-        graceful_shutdown_timeout_s=replica.drain_timeout_s + 5,
+        # Serve stops routing here, waits up to this long for in-flight requests, runs
+        # __del__ if time is left, then kills the actor (its workers die with it: they are
+        # its children, in its bundles) and removes the placement group.
+        graceful_shutdown_timeout_s=replica.drain_timeout_s,
+        graceful_shutdown_wait_loop_s=0.5,
     )
     return deployment.bind(spec.model_dump(), replica.model_dump(), pool, admission)
+
+
+model_server_app = model_server_deployment  # the name the app builder and benches use

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.autoscaling import AutoscalingSpec
+from deployments.placement import pack_on_nodes, rank_resources, replica_bundles
 from models.default_model import SHAPES
 from models.engine_config import EngineConfig
 
@@ -66,10 +67,14 @@ class ReplicaSpec(BaseModel):
 
     @model_validator(mode="after")
     def _affinity_per_rank(self) -> ReplicaSpec:
-        if self.cpu_affinity is not None and len(self.cpu_affinity) != self.tp_size:
-            raise ValueError(
-                f"cpu_affinity has {len(self.cpu_affinity)} CPU sets but tp_size is {self.tp_size}"
-            )
+        if self.cpu_affinity is not None:
+            if len(self.cpu_affinity) != self.tp_size:
+                raise ValueError(
+                    f"cpu_affinity has {len(self.cpu_affinity)} CPU sets but tp_size is "
+                    f"{self.tp_size}"
+                )
+            if any(not cpus or min(cpus) < 0 for cpus in self.cpu_affinity):
+                raise ValueError("cpu_affinity: every rank needs a non-empty set of CPU ids >= 0")
         return self
 
 
@@ -119,8 +124,21 @@ def checkpoint_shape(path: str) -> dict[str, int] | None:
     }
 
 
-def validate_against_checkpoint(spec: ModelSpec, replica: ReplicaSpec, where: str) -> None:
-    """TP must split the attention and KV heads evenly."""
+def _target(
+    spec: ModelSpec, replica: ReplicaSpec | None, where: str | None
+) -> tuple[ReplicaSpec, str]:
+    """The replica to check (the shared pool's by default) and its field path."""
+    if replica is None:
+        return spec.shared_pool, where or "shared_pool"
+    return replica, where or "replica"
+
+
+def validate_against_checkpoint(
+    spec: ModelSpec, replica: ReplicaSpec | None = None, where: str | None = None
+) -> None:
+    """Static checks: TP must split the heads and the MLP evenly, and each rank's bundle
+    must hold the device it runs on. `where` prefixes the field in the message."""
+    replica, where = _target(spec, replica, where)
     if spec.path.startswith("default:") and spec.path.split(":", 1)[1] not in SHAPES:
         raise ConfigError(f"{where}.path: unknown default model {spec.path!r}")
     shape = checkpoint_shape(spec.path)
@@ -131,43 +149,40 @@ def validate_against_checkpoint(spec: ModelSpec, replica: ReplicaSpec, where: st
             raise ConfigError(
                 f"{where}.tp_size: {replica.tp_size} does not divide {key}={shape[key]}"
             )
-
-
-def rank_resources(spec: ModelSpec, replica: ReplicaSpec) -> dict[str, float]:
-    if replica.bundle_resources is not None:
-        return dict(replica.bundle_resources)
-    return {"GPU": 1.0} if spec.engine.device == "cuda" else {"CPU": 1.0}
+    gpus = rank_resources(spec, replica).get("GPU", 0.0)
+    if spec.engine.device == "cuda" and gpus < 1:
+        raise ConfigError(
+            f"{where}.bundle_resources: device is cuda, so every rank needs GPU >= 1 (has {gpus:g})"
+        )
+    if spec.engine.device == "cpu" and gpus > 0:
+        raise ConfigError(f"{where}.bundle_resources: device is cpu but each rank asks for GPU")
 
 
 def validate_against_cluster(
-    spec: ModelSpec, replica: ReplicaSpec, nodes: list[dict[str, float]], where: str
+    spec: ModelSpec,
+    nodes: list[dict[str, float]],
+    replica: ReplicaSpec | None = None,
+    where: str | None = None,
 ) -> None:
-    """Every bundle must fit some node; STRICT_PACK needs all of them on one node."""
+    """One replica must fit the nodes (each node's total resources) under its strategy."""
+    replica, where = _target(spec, replica, where)
     if not nodes:
         return
-    per_rank = rank_resources(spec, replica)
+    if replica.node_type_resource and not any(replica.node_type_resource in n for n in nodes):
+        raise ConfigError(
+            f"{where}.node_type_resource: no node provides {replica.node_type_resource!r}"
+        )
     if replica.node_type_resource:
-        per_rank[replica.node_type_resource] = 0.01
-        if not any(replica.node_type_resource in n for n in nodes):
-            raise ConfigError(
-                f"{where}.node_type_resource: no node provides {replica.node_type_resource!r}"
-            )
-    need = {k: v * replica.tp_size for k, v in per_rank.items()}
-    for name, amount in per_rank.items():
-        if not any(n.get(name, 0) >= amount for n in nodes):
-            biggest = max(n.get(name, 0) for n in nodes)
+        nodes = [n for n in nodes if replica.node_type_resource in n]
+    bundles = replica_bundles(spec, replica)
+    for name, amount in rank_resources(spec, replica).items():
+        biggest = max(n.get(name, 0.0) for n in nodes)
+        if biggest < amount:
             raise ConfigError(
                 f"{where}.bundle_resources: a rank needs {amount:g} {name} but the largest "
                 f"node has {biggest:g}"
             )
-    if replica.placement_strategy == "STRICT_PACK" and not any(
-        all(n.get(k, 0) >= v for k, v in need.items()) for n in nodes
-    ):
-        raise ConfigError(
-            f"{where}.tp_size: STRICT_PACK needs {need} on one node; no node has that much"
-        )
-    if replica.placement_strategy == "STRICT_SPREAD" and len(nodes) < replica.tp_size:
-        raise ConfigError(
-            f"{where}.placement_strategy: STRICT_SPREAD over {replica.tp_size} ranks "
-            f"needs {replica.tp_size} nodes, the cluster has {len(nodes)}"
-        )
+    problem = pack_on_nodes(bundles, nodes, replica.placement_strategy)
+    if problem:
+        field = "placement_strategy" if replica.placement_strategy == "STRICT_SPREAD" else "tp_size"
+        raise ConfigError(f"{where}.{field}: tp_size={replica.tp_size}: {problem}")

@@ -7,6 +7,7 @@ these actors, so when Serve kills the replica they die with it.
 
 from __future__ import annotations
 
+import os
 import socket
 
 import ray
@@ -24,6 +25,10 @@ class TPWorker:
 
     def ping(self) -> int:
         return self.rank
+
+    def pid(self) -> int:
+        """The OS process, for tests that freeze a rank to simulate a hang."""
+        return os.getpid()
 
     def run(self, config: EngineConfig, world_size: int, init_method: str) -> int:
         """Join the group and serve steps; returns the rank when rank 0 shuts down."""

@@ -1,176 +1,186 @@
-"""Model-server replicas on a real two-node Ray cluster: TP across nodes, streams,
-cancellation, failure and replacement, and configuration errors before scheduling."""
+"""Model-server replicas through Serve handles on a real local Ray: concurrent streams on
+two replicas, cancellation freeing KV blocks, the stats Serve's hooks read, graceful
+drain and release of the placement group, and bad configuration refused before
+anything is scheduled. (Cross-node TP and rank failure: test_cross_node_tp.py.)"""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import ray
-from pydantic import ValidationError
 from ray import serve
+from ray.util import placement_group_table
 
-from deployments.model_server import WORKER_NAMESPACE, model_server_app
-from deployments.serving_config import (
-    ConfigError,
-    ModelSpec,
-    ReplicaSpec,
-    validate_against_checkpoint,
-    validate_against_cluster,
-)
-from tests.serve_helpers import wait_until_replica_idle
+from deployments.model_server import WORKER_NAMESPACE, model_server_deployment
+from deployments.serving_config import ConfigError, ModelSpec, ReplicaSpec
+from tests.ray_fixtures import GREEDY, collect, deploy, in_process_greedy, run, wait_idle
 
-GREEDY = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
-PROMPTS = [[11, 22, 33, 44, 55], list(range(100, 160)), [7] * 20]
-
-
-def _spec(path: Path, **replica: object) -> tuple[ModelSpec, ReplicaSpec]:
-    spec = ModelSpec(name="tiny", path=str(path), engine={"num_kv_blocks": 128})
-    return spec, ReplicaSpec(**replica)
-
-
-async def _collect(handle, request: dict) -> tuple[list[int], set[str]]:
-    tokens, replicas = [], set()
-    async for served in handle.options(stream=True).generate.remote(request):
-        replicas.add(served.replica_id)
-        tokens += [t for d in served.output.deltas for t in d.token_ids]
-    return tokens, replicas
-
-
-def _run(coro, timeout: float = 120):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
+HOOK_KEYS = {"num_running", "num_waiting", "kv_usage", "prefix_hit_rate", "max_num_seqs"}
 
 
 @pytest.fixture(scope="module")
-def apps(ray_cluster, tiny_model_dir: Path):
-    spec, tp1 = _spec(tiny_model_dir, num_replicas=2)
-    _, tp2 = _spec(tiny_model_dir, tp_size=2, placement_strategy="STRICT_SPREAD")
-    started = time.monotonic()
-    h2 = serve.run(model_server_app(spec, tp2, "tp2"), name="tp2", route_prefix=None)
-    h1 = serve.run(model_server_app(spec, tp1, "tp1"), name="tp1", route_prefix=None)
-    yield {"tp1": h1, "tp2": h2, "deploy_s": time.monotonic() - started}
-    serve.delete("tp1")
-    serve.delete("tp2")
+def pair(ray_cluster, tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    """One deployment, two TP=1 replicas."""
+    handle = deploy(tiny_model_dir, "pair", num_replicas=2)
+    yield handle
+    serve.delete("pair")
 
 
-def test_cross_node_tp_matches_tp1(apps) -> None:
-    stats = apps["tp2"].stats.remote().result(timeout_s=30)
-    assert len(stats["node_ids"]) == 2 and len(set(stats["node_ids"])) == 2
-    for i, prompt in enumerate(PROMPTS):
-        req = {"request_id": f"x{i}", "prompt": prompt, "params": GREEDY}
-        one, _ = _run(_collect(apps["tp1"], req))
-        two, _ = _run(_collect(apps["tp2"], {**req, "request_id": f"y{i}"}))
-        assert one == two and len(one) == 12
+def _replica_actor(handle, replica_id: str):  # type: ignore[no-untyped-def]
+    """Serve's own actor for one replica: the object its router and metrics code call."""
+    while True:
+        stats = handle.stats.remote().result(timeout_s=30)
+        if stats["replica_id"] == replica_id:
+            return ray.get_actor(stats["replica_actor"], namespace="serve")
 
 
-def test_two_replicas_serve_concurrent_streams(apps) -> None:
-    handle = apps["tp1"]
+def test_two_replicas_serve_concurrent_streams(pair, tiny_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
     prompts = [[10 + i, 20 + i, 30 + i] * (i + 1) for i in range(8)]
-    solo = [
-        _run(_collect(handle, {"request_id": f"s{i}", "prompt": p, "params": GREEDY}))[0]
-        for i, p in enumerate(prompts)
-    ]
+    solo = in_process_greedy(tiny_model_dir, prompts, GREEDY["max_tokens"])
 
-    async def together():
+    async def together() -> list[tuple[list[int], set[str]]]:
         return await asyncio.gather(
             *(
-                _collect(handle, {"request_id": f"c{i}", "prompt": p, "params": GREEDY})
+                collect(pair, {"request_id": f"c{i}", "prompt": p, "params": GREEDY})
                 for i, p in enumerate(prompts)
             )
         )
 
-    results = _run(together())
-    assert [r[0] for r in results] == solo
-    assert len(set().union(*(r[1] for r in results))) == 2  # both replicas took streams
+    results = run(together())
+    assert [tokens for tokens, _ in results] == solo
+    assert len(set().union(*(r for _, r in results))) == 2, "both replicas took streams"
 
 
-def test_cancel_frees_kv_blocks(apps) -> None:
-    handle = apps["tp2"]
-
-    async def cancel_midway() -> None:
-        req = {
+def test_cancel_frees_kv_blocks(pair) -> None:  # type: ignore[no-untyped-def]
+    async def cancel_midway() -> str:
+        request = {
             "request_id": "cancel-me",
             "prompt": list(range(50, 150)),
-            "params": {"max_tokens": 400, "temperature": 0.0, "ignore_eos": True},
+            "params": {"max_tokens": 1500, "temperature": 0.0, "ignore_eos": True},
         }
-        stream = handle.options(stream=True).generate.remote(req)
-        seen = 0
-        async for _ in stream:
-            seen += 1
-            if seen == 3:
-                break
-        stream.cancel()
+        stream = pair.options(stream=True).generate.remote(request)
+        async for served in stream:
+            stream.cancel()
+            return served.replica_id
+        raise AssertionError("no output before cancelling")
 
-    _run(cancel_midway())
-    wait_until_replica_idle(handle, "after cancel")
+    replica_id = run(cancel_midway())
+    assert wait_idle(pair, replica_id)["kv_blocks_used"] == 0
 
 
-def test_killing_rank1_fails_streams_and_replica_is_replaced(apps) -> None:
-    handle = apps["tp2"]
-    before = handle.stats.remote().result(timeout_s=30)["replica_id"]
+def test_serve_hooks_publish_engine_stats(pair) -> None:  # type: ignore[no-untyped-def]
+    """Through Serve's replica actor (the path its request router takes): running and KV
+    use while a stream is live, prefix hits after a repeated prompt."""
+    prompt = list(range(300, 364))  # 4 full KV blocks: cacheable
+    ids = [
+        run(collect(pair, {"request_id": f"p{i}", "prompt": prompt, "params": GREEDY}))[1].pop()
+        for i in range(4)
+    ]
+    # four requests on two replicas: one replica served the prompt at least twice
+    hit_rates = [ray.get(_replica_actor(pair, r).record_routing_stats.remote()) for r in set(ids)]
+    assert all(set(h) >= HOOK_KEYS for h in hit_rates)
+    assert max(h["prefix_hit_rate"] for h in hit_rates) > 0
 
-    async def stream_then_kill() -> str:
-        req = {
-            "request_id": "doomed",
-            "prompt": [5] * 40,
-            "params": {"max_tokens": 1000, "temperature": 0.0, "ignore_eos": True},
+    async def busy() -> dict:
+        request = {
+            "request_id": "busy",
+            "prompt": [9] * 40,
+            "params": {"max_tokens": 1500, "temperature": 0.0, "ignore_eos": True},
         }
-        stream = handle.options(stream=True).generate.remote(req)
-        seen = 0
+        stream = pair.options(stream=True).generate.remote(request)
+        async for served in stream:
+            actor = await asyncio.to_thread(_replica_actor, pair, served.replica_id)
+            load = await actor.record_routing_stats.remote()
+            stream.cancel()
+            return load
+        raise AssertionError("no output")
+
+    load = run(busy())
+    assert load["num_running"] == 1 and load["kv_usage"] > 0 and load["max_num_seqs"] == 32
+
+
+def test_graceful_drain_then_release(ray_cluster, tiny_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """Deleting the deployment drains: a short stream in flight completes, a long one that
+    outlives the drain timeout ends with an error (bounded), then the TP workers and the
+    placement group are gone."""
+    handle = deploy(tiny_model_dir, "drain", tp_size=2, drain_timeout_s=3.0)
+    stats = handle.stats.remote().result(timeout_s=30)
+    outcome: dict[str, object] = {}
+
+    async def stream(name: str, max_tokens: int, started: asyncio.Event) -> None:
+        params = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+        tokens: list[int] = []
         try:
-            async for _ in stream:
-                seen += 1
-                if seen == 2:
-                    await asyncio.to_thread(_kill_rank1, handle)
-            return "finished"
-        except Exception as exc:  # the terminal error we expect
-            return type(exc).__name__
+            async for served in handle.options(stream=True).generate.remote(
+                {"request_id": name, "prompt": [3, 4, 5], "params": params}
+            ):
+                tokens += [t for d in served.output.deltas for t in d.token_ids]
+                started.set()
+            outcome[name] = len(tokens)
+        except Exception as exc:
+            outcome[name] = exc
 
-    outcome = _run(stream_then_kill(), timeout=60)
-    assert outcome != "finished"
-    deadline = time.monotonic() + 120
+    async def main() -> float:
+        short_started, long_started = asyncio.Event(), asyncio.Event()
+        tasks = [
+            asyncio.create_task(stream("short", 20, short_started)),
+            asyncio.create_task(stream("long", 1900, long_started)),
+        ]
+        await short_started.wait()
+        await long_started.wait()
+        deleting = threading.Thread(target=serve.delete, args=("drain",))
+        began = time.monotonic()
+        deleting.start()
+        await asyncio.gather(*tasks)
+        await asyncio.to_thread(deleting.join, 60)
+        return time.monotonic() - began
+
+    took = run(main(), timeout=90)
+    assert outcome["short"] == 20, f"the short stream did not complete in the drain: {outcome}"
+    assert isinstance(outcome["long"], Exception), f"the long stream was not ended: {outcome}"
+    assert took < 30
+    deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        try:
-            tokens, replicas = _run(
-                _collect(
-                    handle,
-                    {"request_id": f"after-{time.time()}", "prompt": [1, 2, 3], "params": GREEDY},
-                ),
-                30,
-            )
-            if before not in replicas and len(tokens) == 12:
-                return
-        except Exception:
-            pass
-        time.sleep(1)
-    raise AssertionError("the replica was not replaced within 120 s")
+        states = [
+            pg["state"]
+            for pg in placement_group_table().values()
+            if pg["name"] == stats["replica_actor"]
+        ]
+        if states == ["REMOVED"] and not any(map(_worker_alive, stats["worker_names"])):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"placement group {states} or TP workers outlived the replica")
 
 
-def _kill_rank1(handle) -> None:
-    (name,) = handle.stats.remote().result(timeout_s=30)["worker_names"]
-    ray.kill(ray.get_actor(name, namespace=WORKER_NAMESPACE))
+def _worker_alive(name: str) -> bool:
+    try:
+        ray.get_actor(name, namespace=WORKER_NAMESPACE)
+    except ValueError:
+        return False
+    return True
 
 
-def test_bad_configuration_is_refused_before_scheduling(tiny_model_dir: Path) -> None:
-    spec, replica = _spec(tiny_model_dir, tp_size=3)
-    with pytest.raises(ConfigError, match=r"models\[0\]\.shared_pool\.tp_size: 3 does not divide"):
-        validate_against_checkpoint(spec, replica, "models[0].shared_pool")
-    with pytest.raises(ValidationError, match="dtype"):
-        ModelSpec(name="m", engine={"dtype": "float8"})
-    gpu = ModelSpec(name="g", engine={"device": "cuda"})
-    nodes = [{"CPU": 8, "GPU": 4}, {"CPU": 8, "GPU": 4}]
-    with pytest.raises(ConfigError, match="STRICT_PACK needs"):
-        validate_against_cluster(
-            gpu,
-            ReplicaSpec(tp_size=8, placement_strategy="STRICT_PACK"),
-            nodes,
-            "models[0].shared_pool",
+def test_bad_configuration_refused_before_scheduling(ray_cluster, tiny_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    from deployments.model_server import cluster_nodes
+
+    groups = len(placement_group_table())
+    spec = ModelSpec(name="tiny", path=str(tiny_model_dir))
+    with pytest.raises(ConfigError, match=r"^bad\.tp_size: 3 does not divide num_attention_heads"):
+        model_server_deployment(spec, ReplicaSpec(tp_size=3), "bad")
+    with pytest.raises(ConfigError, match=r"^bad\.placement_strategy: .*STRICT_SPREAD needs 4"):
+        model_server_deployment(
+            spec,
+            ReplicaSpec(tp_size=4, placement_strategy="STRICT_SPREAD"),
+            "bad",
+            nodes=cluster_nodes(),
         )
-    with pytest.raises(ConfigError, match="a rank needs 2 GPU but the largest node has 0"):
-        validate_against_cluster(gpu, ReplicaSpec(bundle_resources={"GPU": 2}), [{"CPU": 8}], "m")
-    with pytest.raises(ConfigError, match="no node provides 'acme_nodes'"):
-        validate_against_cluster(gpu, ReplicaSpec(node_type_resource="acme_nodes"), nodes, "m")
-    with pytest.raises(ValidationError, match="cpu_affinity has 1 CPU sets but tp_size is 2"):
-        ReplicaSpec(tp_size=2, cpu_affinity=[[0]])
+    with pytest.raises(ConfigError, match=r"^bad\.node_type_resource: no node provides 'gpu_a100'"):
+        model_server_deployment(
+            spec, ReplicaSpec(node_type_resource="gpu_a100"), "bad", nodes=cluster_nodes()
+        )
+    assert len(placement_group_table()) == groups
+    assert "bad" not in serve.status().applications
