@@ -50,3 +50,16 @@ def ray_cluster(tiny_model_dir: Path):
     serve.shutdown()
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_ray():  # type: ignore[no-untyped-def]
+    """A local Ray for this module, or the session's when one is already up."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -135,19 +135,6 @@ def test_reset_duration_format() -> None:
 
 
 # ---- one actor, two callers ------------------------------------------------------------
-@pytest.fixture(scope="module")
-def local_ray():  # type: ignore[no-untyped-def]
-    """A local Ray for this module, or the session's when one is already up."""
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def test_one_limiter_actor_holds_limits_across_two_callers(local_ray) -> None:  # type: ignore[no-untyped-def]
     ray = local_ray
     name = f"limits-{uuid.uuid4().hex[:8]}"
