@@ -15,6 +15,7 @@ from dataclasses import asdict
 
 import ray
 
+from deployments.admission_metrics import EXPORT_INTERVAL_S, AdmissionExporter, PoolFacts
 from deployments.fair_queue import FairDispatcher, QueueFull, QueueTimeout
 from deployments.rate_limits import Limits, RateLimitState
 from deployments.usage_meter import UsageMeter
@@ -34,8 +35,13 @@ class AdmissionState:
     """Plain-Python core of the actor (unit-testable without Ray)."""
 
     def __init__(
-        self, pools: dict[str, int], dedicated: dict[str, int], max_queue_len: int
+        self,
+        pools: dict[str, int],
+        dedicated: dict[str, int],
+        max_queue_len: int,
+        facts: dict[str, PoolFacts] | None = None,
     ) -> None:
+        self.exporter = AdmissionExporter(facts or {})
         self.limits = RateLimitState()
         self.usage = UsageMeter()
         self.pools = {name: FairDispatcher(cap, max_queue_len) for name, cap in pools.items()}
@@ -69,8 +75,11 @@ class AdmissionState:
         ticket: str,
     ) -> dict:
         try:
-            waited = await self.pools[pool].acquire(tenant, band, weight, cost, deadline_s)
+            granted = await self.pools[pool].acquire(tenant, band, weight, cost, deadline_s)
+            waited = granted.waited_s
+            self.exporter.observe_wait(pool, band, waited)
         except QueueTimeout as exc:
+            self.exporter.observe_wait(pool, band, exc.waited_s)
             return {"ticket": None, "reason": "queue_deadline", "retry_after_s": exc.retry_after_s}
         except QueueFull:
             return {"ticket": None, "reason": "queue_full", "retry_after_s": 1.0}
@@ -145,6 +154,12 @@ class AdmissionState:
             self.dedicated_capacity[tenant] = capacity
         return {"dispatcher_queue_depth": 0.0, "dispatcher_mean_wait_s": 0.0}
 
+    def live_replicas(self, pool_key: str, now: float | None = None) -> int:
+        """Replicas of a pool heard from within the heartbeat TTL."""
+        now = time.monotonic() if now is None else now
+        seen = self._seats.get(pool_key, {}).values()
+        return sum(1 for _, at in seen if now - at <= HEARTBEAT_TTL_S)
+
     def snapshot(self) -> dict:
         return {
             "usage": self.usage.snapshot(),
@@ -168,13 +183,35 @@ class AdmissionState:
 class AdmissionActor(AdmissionState):
     """The shared instance. Async actor: waiters in the fair queue cost no threads."""
 
+    _exporting: asyncio.Task | None = None
+
     async def ping(self) -> bool:
         await asyncio.sleep(0)
         return True
 
+    async def replica_heartbeat(  # type: ignore[override]
+        self, pool_key: str, replica_id: str, seats: int, now: float | None = None
+    ) -> dict[str, float]:
+        self._start_exporting()
+        return super().replica_heartbeat(pool_key, replica_id, seats, now)
+
+    def _start_exporting(self) -> None:
+        """Begin the metrics loop on the actor's event loop (not available in __init__)."""
+        if self._exporting is None or self._exporting.done():
+            self._exporting = asyncio.get_running_loop().create_task(self._export_forever())
+
+    async def _export_forever(self) -> None:
+        while True:
+            self.exporter.export(self)
+            await asyncio.sleep(EXPORT_INTERVAL_S)
+
 
 def get_admission(  # type: ignore[no-untyped-def]
-    name: str, pools: dict[str, int], dedicated: dict[str, int], max_queue_len: int
+    name: str,
+    pools: dict[str, int],
+    dedicated: dict[str, int],
+    max_queue_len: int,
+    facts: dict[str, PoolFacts] | None = None,
 ):
     """The one admission actor of an app (keyed by its config), made by the first ingress.
 
@@ -185,4 +222,4 @@ def get_admission(  # type: ignore[no-untyped-def]
         namespace=ACTOR_NAMESPACE,
         get_if_exists=True,
         lifetime="detached",
-    ).remote(pools, dedicated, max_queue_len)
+    ).remote(pools, dedicated, max_queue_len, facts)

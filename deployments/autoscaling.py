@@ -15,6 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deployments import metrics
+
 log = logging.getLogger(__name__)
 POLICY_PATH = "deployments.autoscaling:llm_pool_policy"
 
@@ -32,6 +34,9 @@ class AutoscalingSpec(BaseModel):
     target_kv_usage: float = Field(0.75, gt=0, le=1)
     target_seq_usage: float = Field(0.8, gt=0, le=1)
     target_waiting_per_replica: float = Field(1.0, gt=0)
+    target_queue_wait_s: float = Field(
+        2.0, gt=0, description="Mean fair-queue wait, while requests queue, to hold at."
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSpec:
@@ -41,8 +46,9 @@ class AutoscalingSpec(BaseModel):
             )
         return self
 
-    def serve_config(self) -> dict[str, Any]:
-        """Serve's `autoscaling_config`, with this module's policy and targets."""
+    def serve_config(self, pool: str = "") -> dict[str, Any]:
+        """Serve's `autoscaling_config`, with this module's policy and targets; `pool` labels
+        the decisions in the `tiered_pool_replicas` metric."""
         return {
             "min_replicas": self.min_replicas,
             "max_replicas": self.max_replicas,
@@ -53,7 +59,7 @@ class AutoscalingSpec(BaseModel):
             "look_back_period_s": max(2 * self.metrics_interval_s, 4.0),
             "policy": {
                 "policy_function": POLICY_PATH,
-                "policy_kwargs": {"targets": self.targets()},
+                "policy_kwargs": {"targets": self.targets(), "pool": pool},
             },
         }
 
@@ -62,6 +68,7 @@ class AutoscalingSpec(BaseModel):
             "kv_usage": self.target_kv_usage,
             "seq_usage": self.target_seq_usage,
             "waiting_per_replica": self.target_waiting_per_replica,
+            "queue_wait_s": self.target_queue_wait_s,
         }
 
 
@@ -75,6 +82,7 @@ class PoolSignals:
     waiting: float  # total waiting sequences (engine queues)
     capacity: float  # total max_num_seqs
     queued: float = 0.0  # requests waiting in the fair dispatcher for this pool
+    queue_wait_s: float = 0.0  # recent mean wait for a seat in the fair dispatcher
 
 
 def desired_replicas(signals: PoolSignals, targets: dict[str, float]) -> tuple[int, str]:
@@ -83,7 +91,9 @@ def desired_replicas(signals: PoolSignals, targets: dict[str, float]) -> tuple[i
     - kv_usage: replicas so that mean KV use sits at its target;
     - seq_usage: replicas so that running sequences fill `target_seq_usage` of max_num_seqs;
     - backlog: sequences waiting (in engines and in the fair dispatcher) beyond the allowed
-      per-replica backlog, each `max_num_seqs` of them asking for one more replica.
+      per-replica backlog, each `max_num_seqs` of them asking for one more replica;
+    - queue_wait: while requests queue, replicas in proportion to the mean wait over
+      its target.
     Idle asks for 0; Serve clamps to min_replicas.
     """
     n = max(signals.replicas, 1)
@@ -93,6 +103,9 @@ def desired_replicas(signals: PoolSignals, targets: dict[str, float]) -> tuple[i
         "kv_usage": n * signals.kv_usage / targets["kv_usage"],
         "seq_usage": (signals.running / per_replica) / targets["seq_usage"],
         "backlog": n + backlog / per_replica if backlog > 0 else 0.0,
+        "queue_wait": (
+            n * signals.queue_wait_s / targets.get("queue_wait_s", 2.0) if signals.queued else 0.0
+        ),
     }
     reason, ask = max(asks.items(), key=lambda kv: kv[1])
     return math.ceil(ask - 1e-9), f"{reason}={ask:.2f}"
@@ -110,49 +123,37 @@ def signals_from_metrics(metrics: dict[str, dict[Any, float]], replicas: int) ->
         waiting=sum(values("num_waiting")),
         capacity=sum(values("max_num_seqs")),
         queued=max(values("dispatcher_queue_depth"), default=0.0),
+        queue_wait_s=max(values("dispatcher_mean_wait_s"), default=0.0),
     )
 
 
-_replicas_gauge = None
-
-
-def _export(deployment: str, desired: int, actual: int) -> None:
-    """Desired against actual replicas per pool, as `ray_tiered_autoscaling_replicas`."""
-    global _replicas_gauge
-    try:
-        if _replicas_gauge is None:
-            from ray.util.metrics import Gauge
-
-            _replicas_gauge = Gauge(
-                "tiered_autoscaling_replicas",
-                description="Replicas per deployment: what the policy wants and what runs.",
-                tag_keys=("deployment", "kind"),
-            )
-        _replicas_gauge.set(desired, tags={"deployment": deployment, "kind": "desired"})
-        _replicas_gauge.set(actual, tags={"deployment": deployment, "kind": "actual"})
-    except Exception:  # outside a Ray worker (unit tests): nothing to export to
-        pass
-
-
 def llm_pool_policy(ctx) -> tuple[int, dict[str, Any]]:  # type: ignore[no-untyped-def]
-    """Serve policy entry point; bounds and delays are applied by Serve around it."""
-    targets = (ctx.config.policy.policy_kwargs or {}).get("targets") or AutoscalingSpec().targets()
+    """Serve policy entry point. It returns the ask within the (capacity-adjusted) bounds;
+    Serve's wrapper applies the upscale and downscale delays around it."""
+    kwargs = ctx.config.policy.policy_kwargs or {}
+    targets = kwargs.get("targets") or AutoscalingSpec().targets()
     signals = signals_from_metrics(ctx.aggregated_metrics or {}, ctx.current_num_replicas)
     signals.queued += float(getattr(ctx, "total_queued_requests", 0) or 0)  # held at handles
     wanted, reason = desired_replicas(signals, targets)
     state = dict(ctx.policy_state or {})
-    if wanted != ctx.current_num_replicas:
+    bounded = min(
+        max(wanted, ctx.capacity_adjusted_min_replicas), ctx.capacity_adjusted_max_replicas
+    )
+    if bounded != ctx.current_num_replicas:
         log.info(
-            "autoscale %s: %d -> %d (%s)",
+            "autoscale %s: %d -> %d (%s, bounds %d..%d)",
             ctx.deployment_name,
             ctx.current_num_replicas,
-            wanted,
+            bounded,
             reason,
+            ctx.capacity_adjusted_min_replicas,
+            ctx.capacity_adjusted_max_replicas,
         )
-    _export(ctx.deployment_name, wanted, ctx.current_num_replicas)
+    pool = kwargs.get("pool") or ctx.deployment_name
+    metrics.set_gauge("tiered_pool_replicas", bounded, pool=pool, kind="desired")
     state["last_decision"] = {
-        "desired": wanted,
+        "desired": bounded,
         "actual": ctx.current_num_replicas,
         "reason": reason,
     }
-    return wanted, state
+    return bounded, state

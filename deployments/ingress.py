@@ -21,11 +21,13 @@ from pydantic import ValidationError
 from ray import serve
 
 from deployments.admission import admission_actor_name, get_admission
+from deployments.admission_metrics import pool_facts
 from deployments.api_errors import OpenAIError, from_engine_error, install_error_handlers
 from deployments.config import TieredConfig
 from deployments.keys import KeyRing, external_keys
 from deployments.openai_protocol import ChatCompletionRequest, CompletionRequest
 from deployments.openai_responses import SSE_DONE, ResponseBuilder, sse
+from deployments.request_metrics import RequestMetricsMiddleware, RequestTimer, rejection_reason
 from deployments.serving_config import initial_replicas
 from deployments.tenancy_config import TenantSpec
 from models.default_model import resolve_model_path
@@ -40,6 +42,7 @@ REPLICA_HEADER = "x-tiered-replica"
 
 app = FastAPI(title="Tiered", version="0.1.0", description="OpenAI-compatible multi-tenant API")
 install_error_handlers(app)
+app.add_middleware(RequestMetricsMiddleware)
 
 
 def _rate_limited(decision: dict, what: str) -> OpenAIError:
@@ -133,7 +136,11 @@ class Ingress:
             if t.dedicated
         }
         self.admission = get_admission(
-            admission_actor_name(config), pools, dedicated_caps, self.config.dispatch.max_queue_len
+            admission_actor_name(config),
+            pools,
+            dedicated_caps,
+            self.config.dispatch.max_queue_len,
+            pool_facts(self.config),
         )
 
     # ---- plain endpoints ------------------------------------------------------------
@@ -211,12 +218,27 @@ class Ingress:
         return parsed
 
     async def _complete(self, request: Request, kind: str):  # type: ignore[no-untyped-def]
+        """The request path, with its labels left in request.state for the metrics."""
+        timer = RequestTimer(model="unknown")
+        try:
+            return await self._serve(request, kind, timer)
+        except OpenAIError as exc:
+            if exc.status == 429:
+                request.state.reject_reason = rejection_reason(exc.code)
+                if exc.code == "dedicated_capacity_exceeded":
+                    request.state.tier = "dedicated"
+            raise
+
+    async def _serve(self, request: Request, kind: str, timer: RequestTimer):  # type: ignore[no-untyped-def]
         # Serve already answers with x-request-id; reuse its id so logs and body agree.
         serve_id = serve.context._get_serve_request_context().request_id or uuid.uuid4().hex
         request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + serve_id
         tenant = self._authenticate(request)
+        request.state.tenant = tenant.name
         req = await self._read_body(request, kind)
         model = self.config.model(req.model)
+        if model is not None:
+            request.state.model = timer.model = model.name
         if model is None:
             raise OpenAIError(
                 404,
@@ -270,7 +292,11 @@ class Ingress:
                 "cache_salt": tenant.name,
             }
             meta = {"tenant": tenant.name, "model": model.name, "tier": tier, "spill": spill}
-            return await self._respond(req, kind, handle, job, meta, admitted, ratelimit_headers)
+            timer.serving(tenant.name, tier, spill)
+            request.state.tier = timer.tier
+            return await self._respond(
+                req, kind, handle, job, meta, admitted, ratelimit_headers, timer
+            )
         except BaseException as exc:
             await admitted.close()
             if isinstance(exc, OpenAIError):
@@ -335,7 +361,7 @@ class Ingress:
             raise _rate_limited(result, "The shared pool is saturated; retry later.")
         return "shared", spill, self.shared[model], band
 
-    async def _respond(self, req, kind, handle, job, meta, admitted, headers):  # type: ignore[no-untyped-def]
+    async def _respond(self, req, kind, handle, job, meta, admitted, headers, timer):  # type: ignore[no-untyped-def]
         stream = handle.options(stream=True).generate.remote(job)
         builder = ResponseBuilder(kind, job["request_id"], meta["model"], meta["tier"], req.n)
         state = {"usage": Usage()}
@@ -351,10 +377,13 @@ class Ingress:
                 "cached_tokens": usage.cached_tokens,
                 "completion_tokens": usage.completion_tokens,
             }
+            if not admitted.closed:
+                timer.finish(usage)
             await admitted.close(usage, record if usage.prompt_tokens else None)
 
         try:
             first = await stream.__anext__()
+            timer.output()
         except BaseException as exc:
             stream.cancel()
             mapped = from_engine_error(exc)
@@ -364,7 +393,7 @@ class Ingress:
         headers = {**headers, TIER_HEADER: meta["tier"], REPLICA_HEADER: first.replica_id}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            body = self._sse(first, stream, builder, state, include_usage, close)
+            body = self._sse(first, stream, builder, state, include_usage, close, timer)
             return _ClosingStreamingResponse(body, media_type="text/event-stream", headers=headers)
         try:
             served = first
@@ -375,12 +404,15 @@ class Ingress:
                 if served.output.finished:
                     break
                 served = await stream.__anext__()
+                timer.output()
         finally:
             stream.cancel()
             await close()
         return JSONResponse(builder.body(), headers=headers)
 
-    async def _sse(self, first, stream, builder, state, include_usage, close) -> AsyncIterator[str]:  # type: ignore[no-untyped-def]
+    async def _sse(  # type: ignore[no-untyped-def]
+        self, first, stream, builder, state, include_usage, close, timer
+    ) -> AsyncIterator[str]:
         started: set[int] = set()
         offsets: dict[int, int] = {}
         served = first
@@ -400,6 +432,7 @@ class Ingress:
                 if served.output.finished:
                     break
                 served = await stream.__anext__()
+                timer.output()
             if include_usage:
                 yield builder.usage_chunk()
             yield SSE_DONE

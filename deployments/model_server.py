@@ -28,6 +28,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from deployments.admission import ACTOR_NAMESPACE
 from deployments.placement import replica_actor_options, replica_bundles, worker_actor_options
+from deployments.replica_metrics import ReplicaExporter
 from deployments.serving_config import (
     ModelSpec,
     ReplicaSpec,
@@ -82,6 +83,7 @@ class ModelServer:
             "loading the model",
         )
         self.cold_start_s = time.monotonic() - started
+        self.exporter = ReplicaExporter(pool, self.replica_id)
         log.info(
             "replica of %s (tp=%d) ready in %.1fs",
             self.spec.name,
@@ -170,6 +172,7 @@ class ModelServer:
         which breaks rank 0 out of any collective it is stuck in, so in-flight streams end
         with EngineDeadError now rather than when Serve's drain times out."""
         await self._heartbeat()
+        self.exporter.export(self.engine.stats())
         try:
             self.engine.check_health()
             if self._runs:
@@ -177,13 +180,16 @@ class ModelServer:
                 if done:
                     raise EngineDeadError(f"{len(done)} tensor-parallel rank(s) exited")
         except EngineDeadError:
+            self.exporter.up(False)
             self._kill_workers()
             raise
         pings = [w.ping.remote() for w in self.workers]
         try:
             await asyncio.wait_for(asyncio.gather(*pings), WORKER_PING_TIMEOUT_S)
         except Exception as exc:  # a slow answer may be load: Serve counts repeated failures
+            self.exporter.up(False)
             raise EngineDeadError(f"a tensor-parallel rank is unreachable: {exc!r}") from exc
+        self.exporter.up(True)
 
     def _load(self) -> dict[str, float]:
         s = self.engine.stats()
@@ -264,7 +270,7 @@ def model_server_deployment(
         validate_against_cluster(spec, nodes, replica, name)
     bundles = replica_bundles(spec, replica)
     scaling: dict = (
-        {"autoscaling_config": replica.autoscaling.serve_config()}
+        {"autoscaling_config": replica.autoscaling.serve_config(pool)}
         if replica.autoscaling
         else {"num_replicas": replica.num_replicas}
     )

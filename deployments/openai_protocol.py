@@ -146,6 +146,8 @@ class _Common(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
     service_tier: Literal["auto", "default"] | None = None
+    # vLLM's extra sampling parameter: generate exactly max_tokens (benchmarks rely on it).
+    ignore_eos: bool = False
     logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
     # Accepted so that they can be refused by name (see UNSUPPORTED).
@@ -205,6 +207,7 @@ class _Common(_Strict):
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
             "logprobs": logprobs,
+            "ignore_eos": self.ignore_eos,
         }
 
 

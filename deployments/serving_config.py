@@ -64,6 +64,9 @@ class ReplicaSpec(BaseModel):
     autoscaling: AutoscalingSpec | None = Field(
         None, description="Scale on LLM signals between bounds; replaces num_replicas."
     )
+    price_per_replica_hour: float = Field(
+        0.0, ge=0, description="Cost of one replica-hour, for the cost metrics and dashboards."
+    )
 
     @model_validator(mode="after")
     def _affinity_per_rank(self) -> ReplicaSpec:

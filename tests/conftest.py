@@ -30,17 +30,28 @@ def ray_cluster(tiny_model_dir: Path):
     """A two-node local Ray cluster (ray.cluster_utils.Cluster) with Serve, for the session.
 
     Logical CPUs exceed the box's 2 cores on purpose: replicas reserve CPUs per TP rank.
-    Each node carries a node-type resource so tests can pin and spread replicas.
+    Each node carries a node-type resource so tests can pin and spread replicas. Each
+    node's metrics agent listens on its own loopback port (`cluster.metrics_ports`) and
+    reports every second, so metric tests need not wait Ray's default 10 s.
     """
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
 
+    metrics_ports = [free_port(), free_port()]
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 6, "resources": {"node_head": 100}},
+        head_node_args={
+            "num_cpus": 6,
+            "resources": {"node_head": 100},
+            "metrics_export_port": metrics_ports[0],
+            "_system_config": {"metrics_report_interval_ms": 1000},
+        },
     )
-    cluster.add_node(num_cpus=6, resources={"node_worker": 100})
+    cluster.add_node(
+        num_cpus=6, resources={"node_worker": 100}, metrics_export_port=metrics_ports[1]
+    )
+    cluster.metrics_ports = metrics_ports
     env = {"TIERED_CACHE_DIR": os.environ["TIERED_CACHE_DIR"]}
     ray.init(address=cluster.address, runtime_env={"env_vars": env})
     port = free_port()

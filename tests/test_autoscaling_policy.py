@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 from pydantic import ValidationError
 
@@ -60,25 +58,97 @@ def test_spec_bounds_and_serve_config() -> None:
     assert parsed.max_replicas == 4 and parsed.upscale_delay_s == 1
 
 
-def test_policy_reads_replica_metrics_from_the_context() -> None:
-    metrics = {
-        "kv_usage": {"r1": 0.2, "r2": 0.3},
-        "num_running": {"r1": 16, "r2": 15},
-        "num_waiting": {"r1": 4, "r2": 6},
-        "max_num_seqs": {"r1": 16, "r2": 16},
-        "dispatcher_queue_depth": {"r1": 20, "r2": 20},
-    }
-    ctx = SimpleNamespace(
-        aggregated_metrics=metrics,
-        current_num_replicas=2,
+def _context(
+    metrics: dict, current: int, spec: AutoscalingSpec, state: dict | None = None, target=None
+):  # type: ignore[no-untyped-def]
+    """A real Serve AutoscalingContext, as the controller builds it, from synthetic stats."""
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.config import AutoscalingConfig, AutoscalingContext
+
+    config = AutoscalingConfig(**spec.serve_config(pool="m"))
+    return AutoscalingContext(
+        deployment_id=DeploymentID(name="shared-m", app_name="app"),
         deployment_name="shared-m",
-        policy_state={},
-        config=SimpleNamespace(policy=SimpleNamespace(policy_kwargs={})),
+        app_name="app",
+        current_num_replicas=current,
+        target_num_replicas=current if target is None else target,
+        running_replicas=[],
+        total_num_requests=0.0,
+        total_queued_requests=0.0,
+        aggregated_metrics=metrics,
+        raw_metrics={},
+        capacity_adjusted_min_replicas=spec.min_replicas,
+        capacity_adjusted_max_replicas=spec.max_replicas,
+        policy_state=state or {},
+        last_scale_up_time=None,
+        last_scale_down_time=None,
+        current_time=None,
+        config=config,
     )
+
+
+BUSY = {
+    "kv_usage": {"r1": 0.2, "r2": 0.3},
+    "num_running": {"r1": 16, "r2": 15},
+    "num_waiting": {"r1": 4, "r2": 6},
+    "max_num_seqs": {"r1": 16, "r2": 16},
+    "dispatcher_queue_depth": {"r1": 20, "r2": 20},
+}
+
+
+def test_policy_reads_replica_metrics_from_the_context() -> None:
+    ctx = _context(BUSY, 2, AutoscalingSpec(max_replicas=8))
     wanted, state = llm_pool_policy(ctx)
     # backlog: 10 waiting + 20 queued - 2 allowed = 28 -> 2 + 28/16 = 3.75 -> 4
     assert wanted == 4
     assert state["last_decision"] == {"desired": 4, "actual": 2, "reason": "backlog=3.75"}
+
+
+def test_policy_keeps_within_the_bounds() -> None:
+    assert llm_pool_policy(_context(BUSY, 2, AutoscalingSpec(max_replicas=3)))[0] == 3
+    idle = {"kv_usage": {"r1": 0.0}, "num_running": {"r1": 0}, "max_num_seqs": {"r1": 16}}
+    spec = AutoscalingSpec(min_replicas=2, max_replicas=4)
+    assert llm_pool_policy(_context(idle, 3, spec))[0] == 2
+
+
+def test_queue_wait_target_asks_for_more_only_while_requests_queue() -> None:
+    spec = AutoscalingSpec(max_replicas=8, target_queue_wait_s=1.0)
+    waiting = {
+        "num_running": {"r1": 2},
+        "max_num_seqs": {"r1": 16},
+        "dispatcher_queue_depth": {"r1": 1},
+        "dispatcher_mean_wait_s": {"r1": 3.0},
+    }
+    wanted, state = llm_pool_policy(_context(waiting, 1, spec))
+    assert wanted == 3 and state["last_decision"]["reason"] == "queue_wait=3.00"
+    drained = {**waiting, "dispatcher_queue_depth": {"r1": 0}}
+    assert llm_pool_policy(_context(drained, 1, spec))[0] == 1  # old waits alone do not count
+
+
+def test_serve_applies_the_upscale_and_downscale_delays_around_the_policy() -> None:
+    """Serve's own wrapper (the one its controller uses) holds a decision until the
+    configured delay has passed, for each direction."""
+    import time
+
+    from ray.serve.autoscaling_policy import _apply_autoscaling_config
+
+    policy = _apply_autoscaling_config(llm_pool_policy)
+    spec = AutoscalingSpec(max_replicas=8, upscale_delay_s=0.3, downscale_delay_s=0.6)
+    first, state = policy(_context(BUSY, 2, spec))
+    assert first == 2, "scaled up before upscale_delay_s"
+    time.sleep(0.35)
+    later, state = policy(_context(BUSY, 2, spec, state))
+    assert later == 4
+
+    idle = {"kv_usage": {"r1": 0.0}, "num_running": {"r1": 0}, "max_num_seqs": {"r1": 16}}
+    down, state = policy(_context(idle, 4, spec, state))
+    assert down == 4, "scaled down before downscale_delay_s"
+    time.sleep(0.35)
+    down, state = policy(_context(idle, 4, spec, state))
+    assert down == 4, "the downscale delay is longer than the upscale delay"
+    time.sleep(0.3)
+    down, state = policy(_context(idle, 4, spec, state))
+    assert down == 1
 
 
 def test_load_step_scales_up_and_idle_scales_back(ray_cluster, tiny_model_dir) -> None:

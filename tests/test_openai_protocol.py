@@ -97,6 +97,8 @@ def test_sampling_kwargs_build_valid_engine_params() -> None:
     assert sampling_kwargs(chat(), 1)["logprobs"] is None
     assert sampling_kwargs(completion(logprobs=2, stop=["a", "b"]), 4)["logprobs"] == 2
     assert SamplingParams(**sampling_kwargs(chat(), 1)).temperature == 1.0
+    assert SamplingParams(**sampling_kwargs(chat(ignore_eos=True), 3)).ignore_eos is True
+    assert sampling_kwargs(chat(), 1)["ignore_eos"] is False
 
 
 @pytest.mark.parametrize(
