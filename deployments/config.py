@@ -7,10 +7,34 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from deployments.serving_config import ConfigError, ModelSpec, validate_against_checkpoint
+from deployments.serving_config import (
+    ConfigError,
+    ModelSpec,
+    validate_against_checkpoint,
+    validate_against_cluster,
+)
 from deployments.tenancy_config import DispatchSpec, IngressSpec, TenantSpec
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "cluster" / "serve-default.yaml"
+
+
+class NodeTypeSpec(BaseModel):
+    """A node type of the cluster (a `ray up` node type, a KubeRay worker group): what one
+    node provides, custom node-type resources included, and how many may run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    resources: dict[str, float] = Field(min_length=1)
+    min_workers: int = Field(0, ge=0)
+    max_workers: int = Field(1, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> NodeTypeSpec:
+        if self.min_workers > self.max_workers:
+            raise ValueError(
+                f"min_workers={self.min_workers} exceeds max_workers={self.max_workers}"
+            )
+        return self
 
 
 class TieredConfig(BaseModel):
@@ -22,6 +46,9 @@ class TieredConfig(BaseModel):
     revoked_key_hashes: list[str] = []
     dispatch: DispatchSpec = DispatchSpec()
     ingress: IngressSpec = IngressSpec()
+    node_types: dict[str, NodeTypeSpec] = Field(
+        {}, description="The cluster's node types; when given, every replica must fit one."
+    )
 
     @model_validator(mode="after")
     def _cross_references(self) -> TieredConfig:
@@ -41,6 +68,25 @@ class TieredConfig(BaseModel):
                 )
         return self
 
+    def replica_specs(self):  # type: ignore[no-untyped-def]
+        """(where, model, replica) for every deployment the app will create."""
+        for i, m in enumerate(self.models):
+            yield f"models[{i}].shared_pool", m, m.shared_pool
+        for i, t in enumerate(self.tenants):
+            if t.dedicated:
+                model = self.model(t.dedicated.model)
+                assert model is not None
+                yield f"tenants[{i}].dedicated.replica", model, t.dedicated.replica
+
+    def validate_node_types(self) -> None:
+        """Each replica must fit one node type (GPUs for its tp_size, its node-type
+        resource), so a bad pairing fails at load rather than pending forever."""
+        if not self.node_types:
+            return
+        nodes = [dict(n.resources) for n in self.node_types.values()]
+        for where, model, replica in self.replica_specs():
+            validate_against_cluster(model, nodes, replica, where)
+
     def model(self, name: str) -> ModelSpec | None:
         return next((m for m in self.models if m.name == name), None)
 
@@ -48,15 +94,8 @@ class TieredConfig(BaseModel):
         return next((t for t in self.tenants if t.name == name), None)
 
     def validate_checkpoints(self) -> None:
-        for i, m in enumerate(self.models):
-            validate_against_checkpoint(m, m.shared_pool, f"models[{i}].shared_pool")
-        for i, t in enumerate(self.tenants):
-            if t.dedicated:
-                model = self.model(t.dedicated.model)
-                assert model is not None
-                validate_against_checkpoint(
-                    model, t.dedicated.replica, f"tenants[{i}].dedicated.replica"
-                )
+        for where, model, replica in self.replica_specs():
+            validate_against_checkpoint(model, replica, where)
 
 
 def load_config(path: str | Path | None = None) -> TieredConfig:
@@ -66,5 +105,6 @@ def load_config(path: str | Path | None = None) -> TieredConfig:
         config = TieredConfig.model_validate(yaml.safe_load(path.read_text()))
     except ValidationError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    config.validate_node_types()
     config.validate_checkpoints()
     return config
