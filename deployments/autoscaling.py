@@ -56,7 +56,7 @@ class AutoscalingSpec(BaseModel):
             "upscale_delay_s": self.upscale_delay_s,
             "downscale_delay_s": self.downscale_delay_s,
             "metrics_interval_s": self.metrics_interval_s,
-            "look_back_period_s": max(2 * self.metrics_interval_s, 4.0),
+            "look_back_period_s": max(2 * self.metrics_interval_s, 1.0),
             "policy": {
                 "policy_function": POLICY_PATH,
                 "policy_kwargs": {"targets": self.targets(), "pool": pool},
