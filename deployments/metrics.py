@@ -35,7 +35,7 @@ CATALOGUE: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
         ("tenant", "tier", "model", "kind"), None),
     "tiered_ttft_seconds": (
         "histogram", "Time to first token from arrival at the ingress.",
-        ("tier", "model"), TTFT_BUCKETS),
+        ("tenant", "tier", "model"), TTFT_BUCKETS),
     "tiered_tpot_seconds": (
         "histogram", "Time per output token after the first, one sample per request.",
         ("tier", "model"), TOKEN_LATENCY_BUCKETS),

@@ -96,7 +96,8 @@ class RequestTimer:
         now = time.monotonic() if now is None else now
         if self.first_at is None:
             self.first_at = now
-            metrics.observe("tiered_ttft_seconds", now - self.started, **self._labels())
+            ttft = now - self.started
+            metrics.observe("tiered_ttft_seconds", ttft, tenant=self.tenant, **self._labels())
         elif self.last_at is not None:
             metrics.observe("tiered_itl_seconds", now - self.last_at, **self._labels())
         self.last_at = now

@@ -224,3 +224,40 @@ def test_promtool_accepts_the_exposition(traffic: dict) -> None:
         stripped = RAY_LABELS.sub("", ours).replace(",}", "}").replace("{}", "")
         code, problems = promtool_check(stripped)
         assert code == 0, problems
+
+
+def test_every_dashboard_panel_has_data_in_a_real_prometheus(traffic: dict, tmp_path: Path) -> None:
+    """Prometheus scrapes both nodes' metrics agents; each panel query of each dashboard,
+    with its variables at their defaults, returns data, and the rules load and evaluate."""
+    from deployments.observability.dashboards import panel_queries, substitute
+    from tests.prometheus_server import prometheus, query
+
+    wait_for_all_series(traffic["ports"])
+    send_traffic(traffic["base_url"])  # rates need samples on both sides of new traffic
+    targets = [f"127.0.0.1:{p}" for p in traffic["ports"]]
+    rules = Path(__file__).resolve().parent.parent / "deployments/observability/alerts.yaml"
+    with prometheus(targets, tmp_path, [rules]) as url:
+        empty: list[str] = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            empty = [
+                f"{board}/{title}: {expr}"
+                for board, title, expr in panel_queries()
+                if not query(url, substitute(expr, rate_interval="5m"))
+            ]
+            if not empty:
+                break
+            time.sleep(2)
+        assert not empty, "panels without data:\n" + "\n".join(empty)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the recording group evaluates every 30 s
+            groups = httpx.get(f"{url}/api/v1/rules", timeout=10).json()["data"]["groups"]
+            rules_ = [r for g in groups for r in g["rules"]]
+            health = {r["name"]: (r["health"], r.get("lastError")) for r in rules_}
+            if all(h == "ok" for h, _ in health.values()):
+                break
+            time.sleep(2)
+        assert {g["name"] for g in groups} == {"tiered.recording", "tiered.alerts"}
+        assert all(h == "ok" for h, _ in health.values()), health
+        assert query(url, "tiered:spend_per_hour:pool")
+        assert query(url, "tiered:cost_per_million_tokens:tier")
