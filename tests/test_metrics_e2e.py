@@ -233,17 +233,20 @@ def test_every_dashboard_panel_has_data_in_a_real_prometheus(traffic: dict, tmp_
     from tests.prometheus_server import prometheus, query
 
     wait_for_all_series(traffic["ports"])
-    send_traffic(traffic["base_url"])  # rates need samples on both sides of new traffic
     targets = [f"127.0.0.1:{p}" for p in traffic["ports"]]
     rules = Path(__file__).resolve().parent.parent / "deployments/observability/alerts.yaml"
     with prometheus(targets, tmp_path, [rules]) as url:
+        deadline = time.monotonic() + 30
+        while not query(url, "ray_tiered_requests_total") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        send_traffic(traffic["base_url"])  # while Prometheus watches: rates see it
         empty: list[str] = []
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             empty = [
                 f"{board}/{title}: {expr}"
                 for board, title, expr in panel_queries()
-                if not query(url, substitute(expr, rate_interval="5m"))
+                if not _has_numbers(query(url, substitute(expr, rate_interval="5m")))
             ]
             if not empty:
                 break
@@ -261,3 +264,28 @@ def test_every_dashboard_panel_has_data_in_a_real_prometheus(traffic: dict, tmp_
         assert all(h == "ok" for h, _ in health.values()), health
         assert query(url, "tiered:spend_per_hour:pool")
         assert query(url, "tiered:cost_per_million_tokens:tier")
+        check_status_command(url)
+
+
+def _has_numbers(result: list[dict]) -> bool:
+    """Data a panel would draw: at least one series with a number (not NaN)."""
+    return any(r["value"][1] not in ("NaN", "+Inf", "-Inf") for r in result)
+
+
+def check_status_command(url: str) -> None:
+    """`tiered status` reads the same Prometheus: pools, replicas and both tenant kinds."""
+    from rich.console import Console
+
+    from deployments.status_command import collect, render
+
+    snap = collect(url, window="5m")
+    assert {MODEL, "dedicated:acme"} <= set(snap.pools)
+    assert all(r.get("up") == 1 for r in snap.replicas.values()) and len(snap.replicas) == 2
+    assert {"acme", "globex"} <= set(snap.tenants)
+    assert snap.tenants["acme"]["ttft_p99"] > 0 and snap.tenants["acme"]["reservation"] >= 0
+    console = Console(width=160, record=True)
+    console.print(render(snap))
+    text = console.export_text()
+    for expected in ("Pools", "Replicas", "Tenants", "dedicated:acme", "acme", "globex"):
+        assert expected in text
+    print(text)
