@@ -14,7 +14,7 @@ from ray import serve
 
 from deployments.admission import admission_actor_name
 from deployments.autoscaling import AutoscalingSpec
-from deployments.config import TieredConfig, load_config
+from deployments.config import TieredConfig, load_config, parse_config
 from deployments.ingress import Ingress
 from deployments.model_server import model_server_app
 from deployments.serving_config import ReplicaSpec
@@ -76,5 +76,9 @@ def build_from_config(config: TieredConfig) -> serve.Application:
 
 
 def build(args: dict[str, Any]) -> serve.Application:
-    """Serve's application-builder entry point: args {"config": path to the Tiered YAML}."""
+    """Serve's application-builder entry point. args: {"config": path to the Tiered YAML},
+    or {"tiered": the Tiered config itself} (what `tiered config render` and the Helm
+    chart emit, so the YAML need not be on the cluster's nodes)."""
+    if "tiered" in args:
+        return build_from_config(parse_config(args["tiered"], "args.tiered"))
     return build_from_config(load_config(args.get("config")))

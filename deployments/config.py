@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -10,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from deployments.serving_config import (
     ConfigError,
     ModelSpec,
+    ReplicaSpec,
+    initial_replicas,
     validate_against_checkpoint,
     validate_against_cluster,
 )
@@ -68,15 +71,17 @@ class TieredConfig(BaseModel):
                 )
         return self
 
-    def replica_specs(self):  # type: ignore[no-untyped-def]
-        """(where, model, replica) for every deployment the app will create."""
+    def replica_specs(self) -> Iterator[tuple[str, ModelSpec, ReplicaSpec, int]]:
+        """(where, model, replica, floor) for every deployment the app will create; the
+        floor is a dedicated tenant's reservation, or a shared pool's starting replicas."""
         for i, m in enumerate(self.models):
-            yield f"models[{i}].shared_pool", m, m.shared_pool
+            yield f"models[{i}].shared_pool", m, m.shared_pool, initial_replicas(m.shared_pool)
         for i, t in enumerate(self.tenants):
             if t.dedicated:
                 model = self.model(t.dedicated.model)
                 assert model is not None
-                yield f"tenants[{i}].dedicated.replica", model, t.dedicated.replica
+                where = f"tenants[{i}].dedicated.replica"
+                yield where, model, t.dedicated.replica, t.dedicated.reserved_replicas
 
     def validate_node_types(self) -> None:
         """Each replica must fit one node type (GPUs for its tp_size, its node-type
@@ -84,7 +89,7 @@ class TieredConfig(BaseModel):
         if not self.node_types:
             return
         nodes = [dict(n.resources) for n in self.node_types.values()]
-        for where, model, replica in self.replica_specs():
+        for where, model, replica, _ in self.replica_specs():
             validate_against_cluster(model, nodes, replica, where)
 
     def model(self, name: str) -> ModelSpec | None:
@@ -94,17 +99,26 @@ class TieredConfig(BaseModel):
         return next((t for t in self.tenants if t.name == name), None)
 
     def validate_checkpoints(self) -> None:
-        for where, model, replica in self.replica_specs():
+        for where, model, replica, _ in self.replica_specs():
             validate_against_checkpoint(model, replica, where)
 
 
-def load_config(path: str | Path | None = None) -> TieredConfig:
-    """Parse and validate a Tiered YAML; errors name the field."""
+def load_config(path: str | Path | None = None, *, checkpoints: bool = True) -> TieredConfig:
+    """Parse and validate a Tiered YAML; errors name the field.
+
+    `checkpoints=False` skips the checks that read each model's config.json, for tools
+    (like `tiered config render`) that run where the weights are not.
+    """
     path = Path(path) if path else DEFAULT_CONFIG
+    return parse_config(yaml.safe_load(path.read_text()), str(path), checkpoints=checkpoints)
+
+
+def parse_config(data: dict, source: str = "config", *, checkpoints: bool = True) -> TieredConfig:
     try:
-        config = TieredConfig.model_validate(yaml.safe_load(path.read_text()))
+        config = TieredConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+        raise ConfigError(f"{source}: {exc}") from exc
     config.validate_node_types()
-    config.validate_checkpoints()
+    if checkpoints:
+        config.validate_checkpoints()
     return config

@@ -1,0 +1,68 @@
+"""Can the cluster's node types hold every reservation? Checked before anything deploys.
+
+Each dedicated tenant's `reserved_replicas` and each shared pool's minimum replicas are
+placed, replica by replica (one placement group each), on `max_workers` nodes of the node
+types that advertise the deployment's node-type resource. Deployments pinned to the same
+resource compete for the same nodes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from deployments.config import TieredConfig
+from deployments.placement import Resources, fits, replica_bundles
+
+
+def _place(bundles: list[Resources], free: list[Resources], strategy: str) -> bool:
+    """Take one replica's bundles from `free` (first fit), or leave `free` untouched."""
+    if strategy == "STRICT_PACK":  # all ranks on one node: place their sum
+        total: Resources = {}
+        for bundle in bundles:
+            for k, v in bundle.items():
+                total[k] = total.get(k, 0.0) + v
+        bundles = [total]
+    trial = [dict(n) for n in free]
+    used: set[int] = set()
+    for bundle in bundles:
+        spread = strategy == "STRICT_SPREAD"
+        slot = next(
+            (i for i, n in enumerate(trial) if fits(bundle, n) and not (spread and i in used)),
+            None,
+        )
+        if slot is None:
+            return False
+        for k, v in bundle.items():
+            trial[slot][k] = trial[slot].get(k, 0.0) - v
+        used.add(slot)
+    free[:] = trial
+    return True
+
+
+def reservation_problems(config: TieredConfig) -> list[str]:
+    """Why the node types cannot hold the reservations; empty when they can."""
+    if not config.node_types:
+        return []
+    groups: dict[str | None, list[tuple[str, list[Resources], int, str]]] = defaultdict(list)
+    for where, model, replica, count in config.replica_specs():
+        bundles = replica_bundles(model, replica)
+        groups[replica.node_type_resource].append(
+            (where, bundles, count, replica.placement_strategy)
+        )
+    problems = []
+    for resource, deployments in groups.items():
+        nodes = [
+            dict(t.resources)
+            for t in config.node_types.values()
+            if resource is None or resource in t.resources
+            for _ in range(t.max_workers)
+        ]
+        for where, bundles, count, strategy in deployments:
+            placed = sum(_place(bundles, nodes, strategy) for _ in range(count))
+            if placed < count:
+                kind = f"nodes with {resource!r}" if resource else "nodes"
+                problems.append(
+                    f"{where}: {count} replica(s) of {len(bundles)} rank(s) reserved, but the "
+                    f"{kind} (at max_workers) hold only {placed}"
+                )
+    return problems

@@ -1,0 +1,64 @@
+"""The Tiered YAML rendered as a Ray Serve config, for `serve deploy` and KubeRay.
+
+One application, `deployments.app:build`, receives the whole Tiered config inline in its
+args (so nothing but the image and the weights must be on the nodes). Its deployments
+section repeats the replica counts and autoscaling the builder will set, so operators
+see them in the Serve config; both come from the same functions. `tiered config render`
+and the Helm chart's test use this renderer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deployments.app import dedicated_deployment_name, dedicated_replica, shared_deployment_name
+from deployments.config import TieredConfig
+from deployments.serving_config import ReplicaSpec
+
+APP_NAME = "tiered"
+IMPORT_PATH = "deployments.app:build"
+
+
+def _deployment(name: str, replica: ReplicaSpec, pool: str) -> dict[str, Any]:
+    if replica.autoscaling:
+        return {"name": name, "autoscaling_config": replica.autoscaling.serve_config(pool)}
+    return {"name": name, "num_replicas": replica.num_replicas}
+
+
+def deployment_options(config: TieredConfig) -> list[dict[str, Any]]:
+    """Per deployment: the replica count or autoscaling config the app builder sets."""
+    out = [{"name": "ingress", "num_replicas": config.ingress.num_replicas}]
+    for m in config.models:
+        if m.shared_pool.num_replicas > 0 or m.shared_pool.autoscaling:
+            out.append(_deployment(shared_deployment_name(m.name), m.shared_pool, m.name))
+    for t in config.tenants:
+        if t.dedicated:
+            replica = dedicated_replica(t.dedicated)
+            out.append(
+                _deployment(dedicated_deployment_name(t.name), replica, f"dedicated:{t.name}")
+            )
+    return out
+
+
+def render_serve_config(
+    config: TieredConfig,
+    *,
+    runtime_env: dict[str, Any] | None = None,
+    host: str = "0.0.0.0",
+    port: int = 8000,
+) -> dict[str, Any]:
+    """A `ServeDeploySchema`-shaped dict (the body of `serve deploy` and `serveConfigV2`)."""
+    app: dict[str, Any] = {
+        "name": APP_NAME,
+        "route_prefix": "/",
+        "import_path": IMPORT_PATH,
+        "args": {"tiered": config.model_dump(mode="json", exclude_none=True)},
+        "deployments": deployment_options(config),
+    }
+    if runtime_env:
+        app["runtime_env"] = runtime_env
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": host, "port": port},
+        "applications": [app],
+    }
