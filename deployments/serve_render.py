@@ -46,15 +46,20 @@ def render_serve_config(
     runtime_env: dict[str, Any] | None = None,
     host: str = "0.0.0.0",
     port: int = 8000,
+    with_deployment_options: bool = True,
 ) -> dict[str, Any]:
-    """A `ServeDeploySchema`-shaped dict (the body of `serve deploy` and `serveConfigV2`)."""
+    """A `ServeDeploySchema`-shaped dict (the body of `serve deploy` and `serveConfigV2`).
+
+    The Helm chart emits this shape without the deployments section (its templates do
+    not reimplement the replica options; the app builder sets the same ones)."""
     app: dict[str, Any] = {
         "name": APP_NAME,
         "route_prefix": "/",
         "import_path": IMPORT_PATH,
         "args": {"tiered": config.model_dump(mode="json", exclude_none=True)},
-        "deployments": deployment_options(config),
     }
+    if with_deployment_options:
+        app["deployments"] = deployment_options(config)
     if runtime_env:
         app["runtime_env"] = runtime_env
     return {

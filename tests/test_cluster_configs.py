@@ -87,3 +87,14 @@ def test_render_command_refuses_what_the_nodes_cannot_hold(tmp_path: Path, capsy
     path.write_text(yaml.safe_dump(bad))
     assert main(["config", "render", "--config", str(path)]) == 2
     assert "cannot hold the reservations" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", RAY_UP)
+def test_every_node_gets_the_keys_file_the_app_reads(name: str) -> None:
+    """Ingress replicas run on any node: the keys file is a file mount (synced to every
+    node), and the head renders the Serve config pointing at that same path."""
+    config = yaml.safe_load((CLUSTER / name).read_text())
+    assert config["file_mounts"]["~/tiered-keys.yaml"] == "./tiered-keys.yaml"
+    render = next(c for c in config["head_start_ray_commands"] if "config render" in c)
+    assert "--env TIERED_API_KEYS_FILE=$HOME/tiered-keys.yaml" in " ".join(render.split())
+    assert any(c.startswith("serve deploy") for c in config["head_start_ray_commands"])

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import yaml
 from ray import serve
 
 from deployments.app import build_from_config
@@ -164,8 +165,10 @@ def test_every_catalogue_metric_is_exported_with_bounded_labels(traffic: dict) -
     assert "dedicated" in traffic["tiers"]["acme"] and "shared" in traffic["tiers"]["acme"]
     found = wait_for_all_series(traffic["ports"])
     tenants = {s["tenant"] for name in found for s in found[name] if "tenant" in s}
-    assert {"acme", "globex", "limited"} <= tenants
-    assert tenants <= {"acme", "globex", "limited", "unknown"}, tenants
+    # Configured names only (other test modules' apps add theirs to the same cluster);
+    # the bad key of the 401 is counted as "unknown", never by its value.
+    assert {"acme", "globex", "limited", "unknown"} <= tenants
+    assert not any(t.startswith("tk-") or t == "nope" for t in tenants), tenants
     tiers = {s["tier"] for s in found["tiered_requests_total"]}
     assert {"dedicated", "shared", "spill"} <= tiers
     codes = {s["code"] for s in found["tiered_requests_total"]}
@@ -234,8 +237,7 @@ def test_every_dashboard_panel_has_data_in_a_real_prometheus(traffic: dict, tmp_
 
     wait_for_all_series(traffic["ports"])
     targets = [f"127.0.0.1:{p}" for p in traffic["ports"]]
-    rules = Path(__file__).resolve().parent.parent / "deployments/observability/alerts.yaml"
-    with prometheus(targets, tmp_path, [rules]) as url:
+    with prometheus(targets, tmp_path, [fast_rules(tmp_path)]) as url:
         deadline = time.monotonic() + 30
         while not query(url, "ray_tiered_requests_total") and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -252,19 +254,35 @@ def test_every_dashboard_panel_has_data_in_a_real_prometheus(traffic: dict, tmp_
                 break
             time.sleep(2)
         assert not empty, "panels without data:\n" + "\n".join(empty)
+        recorded = ("tiered:spend_per_hour:pool", "tiered:cost_per_million_tokens:tier")
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # the recording group evaluates every 30 s
+        while time.monotonic() < deadline:
             groups = httpx.get(f"{url}/api/v1/rules", timeout=10).json()["data"]["groups"]
             rules_ = [r for g in groups for r in g["rules"]]
             health = {r["name"]: (r["health"], r.get("lastError")) for r in rules_}
-            if all(h == "ok" for h, _ in health.values()):
+            if all(h == "ok" for h, _ in health.values()) and all(
+                _has_numbers(query(url, name)) for name in recorded
+            ):
                 break
-            time.sleep(2)
+            time.sleep(1)
         assert {g["name"] for g in groups} == {"tiered.recording", "tiered.alerts"}
         assert all(h == "ok" for h, _ in health.values()), health
-        assert query(url, "tiered:spend_per_hour:pool")
-        assert query(url, "tiered:cost_per_million_tokens:tier")
+        for name in recorded:
+            assert _has_numbers(query(url, name)), name
         check_status_command(url)
+
+
+def fast_rules(workdir: Path) -> Path:
+    """The shipped rules, evaluated every second instead of every 30 s: a first evaluation
+    made before Prometheus holds two samples records nothing, and the next one would be
+    30 s later."""
+    shipped = Path(__file__).resolve().parent.parent / "deployments/observability/alerts.yaml"
+    rules = yaml.safe_load(shipped.read_text())
+    for group in rules["groups"]:
+        group["interval"] = "1s"
+    path = workdir / "alerts.yaml"
+    path.write_text(yaml.safe_dump(rules))
+    return path
 
 
 def _has_numbers(result: list[dict]) -> bool:

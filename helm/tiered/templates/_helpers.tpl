@@ -1,0 +1,63 @@
+{{- define "tiered.fullname" -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "tiered.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "tiered.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "tiered.keysSecret" -}}
+{{- default (printf "%s-api-keys" (include "tiered.fullname" .)) .Values.apiKeys.existingSecret -}}
+{{- end -}}
+
+{{/* The Tiered config's node_types, one per worker group. */}}
+{{- define "tiered.nodeTypes" -}}
+{{- $out := dict }}
+{{- range .Values.workerGroups }}
+{{- $_ := set $out .name (dict "resources" .resources "min_workers" (.minWorkers | default 0) "max_workers" .maxWorkers) }}
+{{- end }}
+{{- toYaml $out }}
+{{- end -}}
+
+{{/* The Serve config: the same shape `tiered config render` emits (deployments/serve_render.py),
+     with the Tiered config inline in the app's args and the worker groups as its node types. */}}
+{{- define "tiered.serveConfig" -}}
+{{- $tiered := deepCopy .Values.tiered }}
+{{- $_ := set $tiered "node_types" (include "tiered.nodeTypes" . | fromYaml) -}}
+proxy_location: EveryNode
+http_options:
+  host: 0.0.0.0
+  port: {{ .Values.serve.port }}
+applications:
+  - name: tiered
+    route_prefix: /
+    import_path: deployments.app:build
+    args:
+      tiered:
+{{ toYaml $tiered | indent 8 }}
+    runtime_env:
+      env_vars:
+        TIERED_API_KEYS_FILE: /etc/tiered/keys/keys.yaml
+{{- end -}}
+
+{{/* The pod parts every Ray container shares: image, keys, metrics port. */}}
+{{- define "tiered.container" -}}
+image: "{{ .Values.image.repository }}:{{ .Values.image.tag }}"
+imagePullPolicy: {{ .Values.image.pullPolicy }}
+env:
+  - name: TIERED_API_KEYS_FILE
+    value: /etc/tiered/keys/keys.yaml
+volumeMounts:
+  - name: api-keys
+    mountPath: /etc/tiered/keys
+    readOnly: true
+{{- end -}}

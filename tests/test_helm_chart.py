@@ -1,0 +1,192 @@
+"""The Helm chart, through helm-python-sdk (Helm v4's own engine): lint, render, schema,
+and the RayService's Serve config and worker groups checked like the `ray up` path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import helm_python as helm
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from deployments.capacity import reservation_problems
+from deployments.config import TieredConfig, parse_config
+from deployments.observability.generate import artifacts
+from deployments.serve_render import render_serve_config
+
+CHART = Path(__file__).resolve().parent.parent / "helm" / "tiered"
+GPU_VALUES = yaml.safe_load((CHART / "values-gpu.yaml").read_text())
+KEYS_FILE = "/etc/tiered/keys/keys.yaml"
+
+
+def render(values: dict | None = None) -> list[dict]:
+    manifests = helm.Chart.load(CHART).render(values or {}, name="demo", namespace="llm")
+    docs = []
+    for path, text in manifests.items():
+        if path.endswith(".yaml"):
+            docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def one(docs: list[dict], kind: str) -> dict:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, (kind, [d["kind"] for d in docs])
+    return found[0]
+
+
+@pytest.mark.parametrize("values", [None, GPU_VALUES], ids=["default", "gpu"])
+def test_lint_reports_no_errors(values: dict | None) -> None:
+    report = helm.lint(str(CHART), values, strict=False)
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("values", [None, GPU_VALUES], ids=["default", "gpu"])
+def test_manifests_parse_and_serve_config_validates(values: dict | None) -> None:
+    docs = render(values)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds.count("ConfigMap") == 3 and "PodMonitor" in kinds and "Service" in kinds
+    service = one(docs, "RayService")
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema(**serve_config)
+    chart_values = values or helm.Chart.load(CHART).values
+    tiered = {**chart_values["tiered"], "node_types": node_types_of(chart_values)}
+    config = parse_config(tiered, checkpoints=False)
+    expected = render_serve_config(
+        config,
+        runtime_env={"env_vars": {"TIERED_API_KEYS_FILE": KEYS_FILE}},
+        with_deployment_options=False,
+    )
+    # The same renderer's output; the chart passes the values as written, the renderer
+    # with defaults filled in, so the Tiered configs are compared once parsed.
+    got_args = serve_config["applications"][0].pop("args")["tiered"]
+    want_args = expected["applications"][0].pop("args")["tiered"]
+    assert TieredConfig.model_validate(got_args) == TieredConfig.model_validate(want_args)
+    assert serve_config == expected
+
+
+def node_types_of(values: dict) -> dict[str, dict]:
+    """The Tiered node types the values' worker groups stand for."""
+    return {
+        g["name"]: {
+            "resources": g["resources"],
+            "min_workers": g.get("minWorkers", 0),
+            "max_workers": g["maxWorkers"],
+        }
+        for g in values["workerGroups"]
+    }
+
+
+def test_a_values_file_replaces_the_default_worker_groups() -> None:
+    """Helm merges maps: node types kept in a map would add the CPU defaults to a GPU
+    install. As a list, the GPU file's groups are the only ones."""
+    service = one(render(GPU_VALUES), "RayService")
+    groups = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert [g["groupName"] for g in groups] == ["shared-gpu", "dedicated-acme"]
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert set(args["tiered"]["node_types"]) == {"shared-gpu", "dedicated-acme"}
+    acme = groups[1]["template"]["spec"]
+    assert acme["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert acme["tolerations"][1]["key"] == "tiered.io/tenant"
+
+
+def worker_node_types(service: dict) -> dict[str, dict]:
+    """What each worker group offers Ray: CPUs and GPUs of its container, plus the custom
+    resources of its rayStartParams; at most maxReplicas nodes."""
+    out = {}
+    for group in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        resources = {"CPU": float(limits["cpu"])}
+        if "nvidia.com/gpu" in limits:
+            resources["GPU"] = float(limits["nvidia.com/gpu"])
+        custom = group["rayStartParams"].get("resources")
+        if custom:
+            resources |= json.loads(json.loads(custom))  # KubeRay's quoted JSON string
+        out[group["groupName"]] = {
+            "resources": resources,
+            "min_workers": group["minReplicas"],
+            "max_workers": group["maxReplicas"],
+        }
+    return out
+
+
+@pytest.mark.parametrize("values", [None, GPU_VALUES], ids=["default", "gpu"])
+def test_worker_groups_hold_every_reservation(values: dict | None) -> None:
+    service = one(render(values), "RayService")
+    tiered = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    data = {**tiered["tiered"], "node_types": worker_node_types(service)}
+    config = parse_config(data, checkpoints=False)
+    assert reservation_problems(config) == []
+    autoscaler = service["spec"]["rayClusterConfig"]
+    assert autoscaler["enableInTreeAutoscaling"] is True
+    assert all(g["minReplicas"] <= g["maxReplicas"] for g in autoscaler["workerGroupSpecs"])
+
+
+def test_worker_groups_too_small_for_a_reservation_are_caught() -> None:
+    values = yaml.safe_load(yaml.safe_dump(GPU_VALUES))
+    values["tiered"]["tenants"][0]["dedicated"].update(reserved_replicas=3, max_replicas=3)
+    service = one(render(values), "RayService")
+    tiered = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    config = parse_config(
+        {**tiered["tiered"], "node_types": worker_node_types(service)}, checkpoints=False
+    )
+    assert any("hold only 2" in p for p in reservation_problems(config))
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"tiered": {"models": []}}, "/tiered/models"),
+        ({"tiered": {"models": [{"name": "m"}]}}, "path"),
+        (
+            {"tiered": {"tenants": [{"name": "a", "dedicated": {"model": "m",
+                                                               "reserved_replicas": -1}}]}},
+            "reserved_replicas",
+        ),
+        (
+            {"tiered": {"models": [{"name": "m", "path": "p",
+                                    "shared_pool": {"num_replicas": -2}}]}},
+            "num_replicas",
+        ),
+        ({"workerGroups": [{"name": "x", "resources": {"CPU": 1}, "maxWorkers": -1}]},
+         "maxWorkers"),
+        ({"workerGroups": [{"name": "Bad_Name", "resources": {"CPU": 1}, "maxWorkers": 1}]},
+         "name"),
+        ({"tiered": {"node_types": {"x": {"resources": {"CPU": 1}, "max_workers": 1}}}},
+         "node_types"),
+        ({"service": {"port": 0}}, "/service/port"),
+    ],
+    ids=["no-model", "model-without-path", "negative-reservation", "negative-replicas",
+         "negative-workers", "group-name-not-dns", "node-types-outside-worker-groups",
+         "bad-port"],
+)  # fmt: skip
+def test_schema_rejects_bad_values(values: dict, message: str) -> None:
+    with pytest.raises(helm.HelmValuesError, match=message):
+        render(values)
+
+
+def test_keys_secret_or_existing_secret() -> None:
+    docs = render({"apiKeys": {"keys": {"acme": ["sha256:" + "0" * 64]}}})
+    secret = one(docs, "Secret")
+    assert yaml.safe_load(secret["stringData"]["keys.yaml"]) == {"acme": ["sha256:" + "0" * 64]}
+    docs = render({"apiKeys": {"existingSecret": "mine"}})
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    head = one(docs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+    assert head["spec"]["volumes"][0]["secret"]["secretName"] == "mine"
+
+
+def test_monitoring_objects_carry_the_generated_rules_and_dashboards() -> None:
+    docs = render(GPU_VALUES)
+    rules = yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())
+    assert one(docs, "PrometheusRule")["spec"]["groups"] == rules["groups"]
+    generated = {p.name: text for p, text in artifacts().items() if p.suffix == ".json"}
+    boards = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert all(b["metadata"]["labels"]["grafana_dashboard"] == "1" for b in boards)
+    shipped = {k.removeprefix("tiered-"): v for b in boards for k, v in b["data"].items()}
+    assert {k: json.loads(v) for k, v in shipped.items()} == {
+        k: json.loads(v) for k, v in generated.items()
+    }
+    ingress = one(docs, "Ingress")
+    assert ingress["spec"]["rules"][0]["host"] == "llm.example.internal"
