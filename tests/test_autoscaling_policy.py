@@ -151,11 +151,31 @@ def test_serve_applies_the_upscale_and_downscale_delays_around_the_policy() -> N
     assert down == 1
 
 
+def start_stream_load(handle, streams: int, tag: str):  # type: ignore[no-untyped-def]
+    """`streams` long greedy streams through a deployment handle, on a thread of its own."""
+    import asyncio
+    import threading
+
+    async def one(i: int) -> None:
+        request = {
+            "request_id": f"{tag}{i}",
+            "prompt": [5 + i % 3] * 18,
+            "params": {"max_tokens": 300, "ignore_eos": True},
+        }
+        async for _ in handle.options(stream=True).generate.remote(request):
+            pass
+
+    async def load() -> None:
+        await asyncio.gather(*(one(i) for i in range(streams)))
+
+    loader = threading.Thread(target=lambda: asyncio.run(load()))
+    loader.start()
+    return loader
+
+
 def test_load_step_scales_up_and_idle_scales_back(ray_cluster, tiny_model_dir) -> None:
     """A real deployment with the policy: 8 long streams on 2-seat replicas -> 2 replicas;
     idle -> back to min. Bounded waits, short delays configured for the test."""
-    import asyncio
-    import threading
     import time
 
     from ray import serve
@@ -181,22 +201,9 @@ def test_load_step_scales_up_and_idle_scales_back(ray_cluster, tiny_model_dir) -
         status = serve.status().applications["auto"].deployments["auto"]
         return status.replica_states.get("RUNNING", 0)
 
-    async def one(i: int) -> None:
-        request = {
-            "request_id": f"load{i}",
-            "prompt": [5] * 20,
-            "params": {"max_tokens": 300, "ignore_eos": True},
-        }
-        async for _ in handle.options(stream=True).generate.remote(request):
-            pass
-
-    async def load() -> None:
-        await asyncio.gather(*(one(i) for i in range(8)))
-
     try:
         assert running() == 1
-        loader = threading.Thread(target=lambda: asyncio.run(load()))
-        loader.start()
+        loader = start_stream_load(handle, 8, "load")
         deadline = time.monotonic() + 60
         while running() < 2 and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -216,8 +223,6 @@ def test_shared_scaling_stays_off_reserved_nodes_and_reservation_holds(
     """Shared replicas are pinned to the head's node type, the dedicated tenant's copy to
     the worker's: a load step scales the shared pool on its own node type only, and the
     dedicated deployment stays at its reservation throughout."""
-    import asyncio
-    import threading
     import time
 
     import ray
@@ -270,21 +275,8 @@ def test_shared_scaling_stays_off_reserved_nodes_and_reservation_holds(
         status = serve.status().applications["pinned"].deployments[name]
         return status.replica_states.get("RUNNING", 0)
 
-    async def one(i: int) -> None:
-        request = {
-            "request_id": f"p{i}",
-            "prompt": [7] * 16,
-            "params": {"max_tokens": 300, "ignore_eos": True},
-        }
-        async for _ in shared.options(stream=True).generate.remote(request):
-            pass
-
-    async def load() -> None:
-        await asyncio.gather(*(one(i) for i in range(10)))
-
     try:
-        loader = threading.Thread(target=lambda: asyncio.run(load()))
-        loader.start()
+        loader = start_stream_load(shared, 10, "p")
         deadline = time.monotonic() + 90
         peak = 1
         while time.monotonic() < deadline and peak < 2:
@@ -300,3 +292,72 @@ def test_shared_scaling_stays_off_reserved_nodes_and_reservation_holds(
         assert replicas("dedicated-acme") == 1
     finally:
         serve.delete("pinned")
+
+
+def test_dedicated_tenant_bursts_and_comes_back_to_its_reservation(
+    ray_cluster, tiny_model_dir
+) -> None:
+    """reserved_replicas=1, max_replicas=2: a load step on the tenant's own copy adds the
+    burst replica, idle brings it back to the reservation, and it never goes below it."""
+    import time
+
+    from ray import serve
+
+    from deployments.app import build_from_config
+    from deployments.config import TieredConfig
+
+    scaling = {"upscale_delay_s": 1, "downscale_delay_s": 3, "metrics_interval_s": 0.5}
+    config = TieredConfig.model_validate(
+        {
+            "models": [
+                {
+                    "name": "m",
+                    "path": str(tiny_model_dir),
+                    "engine": {"num_kv_blocks": 128, "max_num_seqs": 2},
+                    "shared_pool": {"num_replicas": 0},
+                }
+            ],
+            "tenants": [
+                {
+                    "name": "acme",
+                    "tier": "dedicated",
+                    "api_key_hashes": [],
+                    "dedicated": {
+                        "model": "m",
+                        "reserved_replicas": 1,
+                        "max_replicas": 2,
+                        "replica": {"autoscaling": scaling},
+                    },
+                }
+            ],
+            "ingress": {"num_replicas": 1},
+        }
+    )
+    serve.run(build_from_config(config), name="burst", route_prefix=None)
+    dedicated = serve.get_deployment_handle("dedicated-acme", app_name="burst")
+
+    def running() -> int:
+        status = serve.status().applications["burst"].deployments["dedicated-acme"]
+        return status.replica_states.get("RUNNING", 0)
+
+    try:
+        assert running() == 1
+        loader = start_stream_load(dedicated, 8, "burst")
+        seen: list[int] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not seen or seen[-1] < 2):
+            seen.append(running())
+            time.sleep(0.5)
+        assert seen[-1] == 2, f"no burst replica within 60 s: {seen}"
+        loader.join(timeout=120)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and seen[-1] > 1:
+            seen.append(running())
+            time.sleep(0.5)
+        for _ in range(6):  # and it stays at the reservation, not below
+            seen.append(running())
+            time.sleep(0.5)
+        assert seen[-1] == 1, f"not back to the reservation within 60 s: {seen}"
+        assert min(seen) >= 1, seen
+    finally:
+        serve.delete("burst")
