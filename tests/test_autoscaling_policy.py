@@ -151,6 +151,29 @@ def test_serve_applies_the_upscale_and_downscale_delays_around_the_policy() -> N
     assert down == 1
 
 
+def running_replicas(app: str, deployment: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications[app].deployments[deployment]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def one_model_config(model_dir, shared_pool: dict, dedicated: dict):  # type: ignore[no-untyped-def]
+    """Model "m" on the tiny checkpoint (2 seats a replica), one dedicated tenant acme."""
+    from deployments.config import TieredConfig
+
+    acme = {"name": "acme", "tier": "dedicated", "api_key_hashes": [], "dedicated": dedicated}
+    model = {
+        "name": "m",
+        "path": str(model_dir),
+        "engine": {"num_kv_blocks": 128, "max_num_seqs": 2},
+        "shared_pool": shared_pool,
+    }
+    return TieredConfig.model_validate(
+        {"models": [model], "tenants": [acme], "ingress": {"num_replicas": 1}}
+    )
+
+
 def start_stream_load(handle, streams: int, tag: str):  # type: ignore[no-untyped-def]
     """`streams` long greedy streams through a deployment handle, on a thread of its own."""
     import asyncio
@@ -198,8 +221,7 @@ def test_load_step_scales_up_and_idle_scales_back(ray_cluster, tiny_model_dir) -
     handle = serve.run(model_server_app(spec, replica, "auto"), name="auto", route_prefix=None)
 
     def running() -> int:
-        status = serve.status().applications["auto"].deployments["auto"]
-        return status.replica_states.get("RUNNING", 0)
+        return running_replicas("auto", "auto")
 
     try:
         assert running() == 1
@@ -229,51 +251,31 @@ def test_shared_scaling_stays_off_reserved_nodes_and_reservation_holds(
     from ray import serve
 
     from deployments.app import build_from_config
-    from deployments.config import TieredConfig
 
-    config = TieredConfig.model_validate(
-        {
-            "models": [
-                {
-                    "name": "m",
-                    "path": str(tiny_model_dir),
-                    "engine": {"num_kv_blocks": 128, "max_num_seqs": 2},
-                    "shared_pool": {
-                        "node_type_resource": "node_head",
-                        "autoscaling": {
-                            "min_replicas": 1,
-                            "max_replicas": 3,
-                            "upscale_delay_s": 1,
-                            "downscale_delay_s": 2,
-                            "metrics_interval_s": 0.5,
-                        },
-                    },
-                }
-            ],
-            "tenants": [
-                {
-                    "name": "acme",
-                    "tier": "dedicated",
-                    "api_key_hashes": [],
-                    "dedicated": {
-                        "model": "m",
-                        "reserved_replicas": 1,
-                        "max_replicas": 1,
-                        "replica": {"node_type_resource": "node_worker"},
-                    },
-                }
-            ],
-            "ingress": {"num_replicas": 1},
-        }
-    )
+    shared_pool = {
+        "node_type_resource": "node_head",
+        "autoscaling": {
+            "min_replicas": 1,
+            "max_replicas": 3,
+            "upscale_delay_s": 1,
+            "downscale_delay_s": 2,
+            "metrics_interval_s": 0.5,
+        },
+    }
+    dedicated = {
+        "model": "m",
+        "reserved_replicas": 1,
+        "max_replicas": 1,
+        "replica": {"node_type_resource": "node_worker"},
+    }
+    config = one_model_config(tiny_model_dir, shared_pool, dedicated)
     serve.run(build_from_config(config), name="pinned", route_prefix=None)
     shared = serve.get_deployment_handle("shared-m", app_name="pinned")
     dedicated = serve.get_deployment_handle("dedicated-acme", app_name="pinned")
     head = ray.get_runtime_context().get_node_id()  # the driver sits on the head node
 
     def replicas(name: str) -> int:
-        status = serve.status().applications["pinned"].deployments[name]
-        return status.replica_states.get("RUNNING", 0)
+        return running_replicas("pinned", name)
 
     try:
         loader = start_stream_load(shared, 10, "p")
@@ -304,41 +306,20 @@ def test_dedicated_tenant_bursts_and_comes_back_to_its_reservation(
     from ray import serve
 
     from deployments.app import build_from_config
-    from deployments.config import TieredConfig
 
     scaling = {"upscale_delay_s": 1, "downscale_delay_s": 3, "metrics_interval_s": 0.5}
-    config = TieredConfig.model_validate(
-        {
-            "models": [
-                {
-                    "name": "m",
-                    "path": str(tiny_model_dir),
-                    "engine": {"num_kv_blocks": 128, "max_num_seqs": 2},
-                    "shared_pool": {"num_replicas": 0},
-                }
-            ],
-            "tenants": [
-                {
-                    "name": "acme",
-                    "tier": "dedicated",
-                    "api_key_hashes": [],
-                    "dedicated": {
-                        "model": "m",
-                        "reserved_replicas": 1,
-                        "max_replicas": 2,
-                        "replica": {"autoscaling": scaling},
-                    },
-                }
-            ],
-            "ingress": {"num_replicas": 1},
-        }
-    )
+    dedicated = {
+        "model": "m",
+        "reserved_replicas": 1,
+        "max_replicas": 2,
+        "replica": {"autoscaling": scaling},
+    }
+    config = one_model_config(tiny_model_dir, {"num_replicas": 0}, dedicated)
     serve.run(build_from_config(config), name="burst", route_prefix=None)
     dedicated = serve.get_deployment_handle("dedicated-acme", app_name="burst")
 
     def running() -> int:
-        status = serve.status().applications["burst"].deployments["dedicated-acme"]
-        return status.replica_states.get("RUNNING", 0)
+        return running_replicas("burst", "dedicated-acme")
 
     try:
         assert running() == 1

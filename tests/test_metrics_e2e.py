@@ -26,8 +26,11 @@ from deployments.config import TieredConfig
 from deployments.keys import hash_key
 from deployments.metrics import CATALOGUE
 
-MODEL = "tiny-llama"
-KEYS = {t: f"tk-metrics-{t}" for t in ("acme", "globex", "limited")}
+# Names of this module's own: other modules' apps on the same cluster leave series of
+# theirs (tiny-llama, acme, ...) in the metrics agents.
+MODEL = "obs-llama"
+ACME, GLOBEX, LIMITED = "obs-acme", "obs-globex", "obs-limited"
+KEYS = {t: f"tk-metrics-{t}" for t in (ACME, GLOBEX, LIMITED)}
 PROMPT = "the quick brown fox jumps over the lazy dog " * 6
 
 
@@ -50,7 +53,7 @@ def metrics_config(model_dir: Path) -> TieredConfig:
             ],
             "tenants": [
                 tenant(
-                    "acme",
+                    ACME,
                     tier="dedicated",
                     priority=1,
                     dedicated={
@@ -60,8 +63,8 @@ def metrics_config(model_dir: Path) -> TieredConfig:
                         "replica": {"price_per_replica_hour": 8.0},
                     },
                 ),
-                tenant("globex"),
-                tenant("limited", rpm=2),
+                tenant(GLOBEX),
+                tenant(LIMITED, rpm=2),
             ],
             "dispatch": {"queue_deadline_s": 60},
             "ingress": {"num_replicas": 1},
@@ -90,20 +93,20 @@ def _stream(base_url: str, tenant: str, max_tokens: int, prompt: str = PROMPT) -
 
 def send_traffic(base_url: str) -> dict[str, list[str]]:
     """Both tiers, spill, a queue, prefix hits, preemption and 429s; returns tiers seen."""
-    tiers: dict[str, list[str]] = {"acme": [], "globex": []}
+    tiers: dict[str, list[str]] = {ACME: [], GLOBEX: []}
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
-        acme = [pool.submit(_stream, base_url, "acme", 120) for _ in range(6)]
-        globex = [pool.submit(_stream, base_url, "globex", 120) for _ in range(4)]
+        acme = [pool.submit(_stream, base_url, ACME, 120) for _ in range(6)]
+        globex = [pool.submit(_stream, base_url, GLOBEX, 120) for _ in range(4)]
         for f in acme:
-            tiers["acme"].append(f.result(timeout=300))
+            tiers[ACME].append(f.result(timeout=300))
         for f in globex:
-            tiers["globex"].append(f.result(timeout=300))
+            tiers[GLOBEX].append(f.result(timeout=300))
     for _ in range(2):  # the same prompt again: prefix-cache hits
-        client(base_url, "globex").completions.create(model=MODEL, prompt=PROMPT, max_tokens=4)
+        client(base_url, GLOBEX).completions.create(model=MODEL, prompt=PROMPT, max_tokens=4)
     refused = 0
     for _ in range(4):
         try:
-            client(base_url, "limited").completions.create(model=MODEL, prompt="hi", max_tokens=2)
+            client(base_url, LIMITED).completions.create(model=MODEL, prompt="hi", max_tokens=2)
         except openai.RateLimitError:
             refused += 1
     assert refused >= 1, "the rpm=2 tenant was never refused"
@@ -150,24 +153,36 @@ def wait_for_all_series(ports: list[int], deadline_s: float = 60.0) -> dict:
     found: dict = {}
     while time.monotonic() < deadline:
         found = series(scrape(ports))
-        if set(CATALOGUE) <= set(found) and _has_spill(found):
+        if set(CATALOGUE) <= set(found) and _ours_exported(found):
             return found
         time.sleep(1.0)
     missing = sorted(set(CATALOGUE) - set(found))
-    raise AssertionError(f"series missing after {deadline_s}s: {missing}")
+    raise AssertionError(
+        f"after {deadline_s}s: series missing {missing}; this module's tenants, pools and "
+        f"spill exported: {_ours_exported(found)}"
+    )
 
 
-def _has_spill(found: dict) -> bool:
-    return any(s.get("tier") == "spill" for s in found.get("tiered_tokens_total", []))
+def _ours_exported(found: dict) -> bool:
+    """This module's traffic has reached the agents (other apps' series are there already):
+    its three tenants, both its pools, and acme's spill."""
+    tenants = {s.get("tenant") for name in found for s in found[name]}
+    pools = {s["pool"] for s in found.get("tiered_replica_seconds_total", [])}
+    spill = {
+        s.get("tenant") for s in found.get("tiered_tokens_total", []) if s.get("tier") == "spill"
+    }
+    return {ACME, GLOBEX, LIMITED} <= tenants and {MODEL, f"dedicated:{ACME}"} <= pools and (
+        ACME in spill
+    )
 
 
 def test_every_catalogue_metric_is_exported_with_bounded_labels(traffic: dict) -> None:
-    assert "dedicated" in traffic["tiers"]["acme"] and "shared" in traffic["tiers"]["acme"]
+    assert "dedicated" in traffic["tiers"][ACME] and "shared" in traffic["tiers"][ACME]
     found = wait_for_all_series(traffic["ports"])
     tenants = {s["tenant"] for name in found for s in found[name] if "tenant" in s}
     # Configured names only (other test modules' apps add theirs to the same cluster);
     # the bad key of the 401 is counted as "unknown", never by its value.
-    assert {"acme", "globex", "limited", "unknown"} <= tenants
+    assert {ACME, GLOBEX, LIMITED, "unknown"} <= tenants
     assert not any(t.startswith("tk-") or t == "nope" for t in tenants), tenants
     tiers = {s["tier"] for s in found["tiered_requests_total"]}
     assert {"dedicated", "shared", "spill"} <= tiers
@@ -176,7 +191,7 @@ def test_every_catalogue_metric_is_exported_with_bounded_labels(traffic: dict) -
     assert {s["reason"] for s in found["tiered_rejections_total"]} >= {"rpm"}
     assert {s["kind"] for s in found["tiered_tokens_total"]} == {"prompt", "cached", "completion"}
     pools = {s["pool"] for s in found["tiered_replica_seconds_total"]}
-    assert pools == {MODEL, "dedicated:acme"}
+    assert {MODEL, f"dedicated:{ACME}"} <= pools
     assert {s["kind"] for s in found["tiered_pool_replicas"]} == {"desired", "actual"}
 
 
@@ -195,10 +210,10 @@ def test_prefix_hits_preemption_and_spill_are_counted(traffic: dict) -> None:
 
     assert total("tiered_prefix_cache_hits_total") > 0
     assert total("tiered_engine_preemptions_total") > 0
-    assert total("tiered_spill_requests_total", tenant="acme") >= 1
-    assert total("tiered_spill_tokens_total", tenant="acme") > 0
-    assert total("tiered_reservation_utilization", tenant="acme") >= 0
-    assert total("tiered_replica_hour_price", pool="dedicated:acme") == 8.0
+    assert total("tiered_spill_requests_total", tenant=ACME) >= 1
+    assert total("tiered_spill_tokens_total", tenant=ACME) > 0
+    assert total("tiered_reservation_utilization", tenant=ACME) >= 0
+    assert total("tiered_replica_hour_price", pool=f"dedicated:{ACME}") == 8.0
 
 
 RAY_LABELS = re.compile(r'(SessionName|NodeAddress|Version|Component|WorkerId|JobId)="[^"]*",?')
@@ -297,13 +312,14 @@ def check_status_command(url: str) -> None:
     from deployments.status_command import collect, render
 
     snap = collect(url, window="5m")
-    assert {MODEL, "dedicated:acme"} <= set(snap.pools)
-    assert all(r.get("up") == 1 for r in snap.replicas.values()) and len(snap.replicas) == 2
-    assert {"acme", "globex"} <= set(snap.tenants)
-    assert snap.tenants["acme"]["ttft_p99"] > 0 and snap.tenants["acme"]["reservation"] >= 0
+    assert {MODEL, f"dedicated:{ACME}"} <= set(snap.pools)
+    ours = {k: v for k, v in snap.replicas.items() if k[0] in (MODEL, f"dedicated:{ACME}")}
+    assert all(r.get("up") == 1 for r in ours.values()) and len(ours) == 2, ours
+    assert {ACME, GLOBEX} <= set(snap.tenants)
+    assert snap.tenants[ACME]["ttft_p99"] > 0 and snap.tenants[ACME]["reservation"] >= 0
     console = Console(width=160, record=True)
     console.print(render(snap))
     text = console.export_text()
-    for expected in ("Pools", "Replicas", "Tenants", "dedicated:acme", "acme", "globex"):
+    for expected in ("Pools", "Replicas", "Tenants", f"dedicated:{ACME}", ACME, GLOBEX):
         assert expected in text
     print(text)
