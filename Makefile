@@ -32,8 +32,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.engine_bench
 	$(PY) -m bench.replica_bench
-	$(PY) -m bench.api_bench
-	$(PY) -m bench.api_bench --pinned --out bench/results/api-pinned.json
+	for s in throughput_sweep p3_overhead p4_isolation p5_fairness p6_prefix p7_autoscale; do \
+		$(VENV)/bin/tiered bench run $$s --no-progress || exit 1; done
+	$(VENV)/bin/tiered bench run p4_isolation --pinned --no-progress
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -23,6 +23,9 @@ from deployments.usage_meter import UsageMeter
 ACTOR_NAME = "tiered-admission"
 ACTOR_NAMESPACE = "tiered"
 HEARTBEAT_TTL_S = 15.0  # a replica not heard from for this long no longer counts as capacity
+# A ticket given up before its grant, whose grant never came (the wait itself was
+# cancelled or timed out), is forgotten after this long.
+ABANDONED_TTL_S = 900.0
 
 
 def admission_actor_name(config: dict) -> str:
@@ -51,7 +54,8 @@ class AdmissionState:
         # Capacity follows the replicas that are alive: pool key -> replica -> (seats, seen).
         self._configured = {**pools, **{f"dedicated:{t}": c for t, c in dedicated.items()}}
         self._seats: dict[str, dict[str, tuple[int, float]]] = {}
-        self._abandoned: set[str] = set()  # finished by the caller before the grant arrived
+        # ticket -> when: finished by the caller before the grant arrived
+        self._abandoned: dict[str, float] = {}
 
     def reserve(self, tenant: str, tokens: int, limits: dict) -> dict:
         return asdict(self.limits.reserve(tenant, tokens, Limits(**limits)))
@@ -90,11 +94,16 @@ class AdmissionState:
 
     def _keep_unless_abandoned(self, ticket: str) -> bool:
         """A caller that gave up (client gone) already called finish: release at once."""
-        if ticket in self._abandoned:
-            self._abandoned.discard(ticket)
+        if self._abandoned.pop(ticket, None) is not None:
             self._release(ticket)
             return False
         return True
+
+    def _abandon(self, ticket: str) -> None:
+        now = time.monotonic()
+        self._abandoned[ticket] = now
+        for old in [t for t, at in self._abandoned.items() if now - at > ABANDONED_TTL_S]:
+            del self._abandoned[old]
 
     def _release(self, ticket: str) -> bool:
         held = self._held.pop(ticket, None)
@@ -121,7 +130,7 @@ class AdmissionState:
         the grant comes later, it is released on arrival.
         """
         if ticket is not None and not self._release(ticket) and not granted:
-            self._abandoned.add(ticket)
+            self._abandon(ticket)
         if reservation_id is not None:
             self.limits.settle(reservation_id, actual_tokens)
         if usage:

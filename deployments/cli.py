@@ -39,9 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    from bench import command as bench_command
     from deployments import render_command, serve_command, status_command
 
-    return [serve_command.register, status_command.register, render_command.register]
+    return [
+        serve_command.register,
+        status_command.register,
+        render_command.register,
+        bench_command.register,
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

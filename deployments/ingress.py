@@ -6,7 +6,6 @@ the shared pool or 429); the shared pool's fair queue; stream from a model-serve
 settle tokens, release the slot and meter usage when the stream closes, however it closes.
 """
 
-import asyncio
 import json
 import logging
 import math
@@ -14,9 +13,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 
@@ -27,6 +25,7 @@ from deployments.config import TieredConfig
 from deployments.keys import KeyRing, external_keys
 from deployments.openai_protocol import ChatCompletionRequest, CompletionRequest
 from deployments.openai_responses import SSE_DONE, ResponseBuilder, sse
+from deployments.request_claims import AdmittedRequest, ClosingStreamingResponse
 from deployments.request_metrics import RequestMetricsMiddleware, RequestTimer, rejection_reason
 from deployments.serving_config import initial_replicas
 from deployments.tenancy_config import TenantSpec
@@ -60,47 +59,6 @@ def _bearer(request: Request) -> str | None:
     auth = request.headers.get("authorization", "")
     scheme, _, token = auth.partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
-class _ClosingStreamingResponse(StreamingResponse):
-    """A StreamingResponse that always closes its body generator, disconnects included.
-
-    Starlette just stops iterating when the client goes away, leaving the generator to the
-    garbage collector; its `finally` (release the slot, settle the tokens) must not wait
-    for that.
-    """
-
-    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.body_iterator.aclose()  # type: ignore[attr-defined]
-
-
-class _Admitted:
-    """One admitted request's claims (rate-limit reservation, slot ticket), released once.
-
-    Release is shielded from cancellation, so a client that disconnects mid-queue or
-    mid-stream still returns its slot and settles its tokens.
-    """
-
-    def __init__(self, admission, reservation: int | None) -> None:  # type: ignore[no-untyped-def]
-        self.admission = admission
-        self.reservation = reservation
-        self.ticket = uuid.uuid4().hex
-        self.slot_pending = False  # a slot request is in flight at the admission actor
-        self.closed = False
-
-    async def close(self, usage: Usage | None = None, record: dict | None = None) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        tokens = usage.total_tokens if usage else 0
-        call = self.admission.finish.remote(
-            self.ticket, self.reservation, tokens, record, not self.slot_pending
-        )
-        await asyncio.shield(call)
 
 
 @serve.ingress(app)
@@ -279,7 +237,7 @@ class Ingress:
                 decision, f"Rate limit reached for tenant '{tenant.name}' ({decision['reason']})."
             )
         ratelimit_headers = decision["headers"]
-        admitted = _Admitted(self.admission, decision["reservation_id"])
+        admitted = AdmittedRequest(self.admission, decision["reservation_id"])
         try:
             tier, spill, handle, band = await self._choose_tier(
                 tenant, req, model.name, cost, admitted
@@ -394,7 +352,7 @@ class Ingress:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             body = self._sse(first, stream, builder, state, include_usage, close, timer)
-            return _ClosingStreamingResponse(body, media_type="text/event-stream", headers=headers)
+            return ClosingStreamingResponse(body, media_type="text/event-stream", headers=headers)
         try:
             served = first
             while True:

@@ -166,6 +166,21 @@ def test_a_caller_that_gave_up_never_leaks_its_slot() -> None:
     _run(main())
 
 
+def test_tickets_given_up_whose_grant_never_comes_are_forgotten() -> None:
+    """A wait that was cancelled or timed out never brings its grant: the abandoned mark
+    must not stay forever."""
+    import time
+
+    from deployments.admission import ABANDONED_TTL_S
+
+    state = AdmissionState({"m": 1}, {}, 16)
+    state.finish("old", None, 0, None, granted=False)
+    state._abandoned["old"] -= ABANDONED_TTL_S + 1  # as if given up long ago
+    state.finish("new", None, 0, None, granted=False)
+    assert set(state._abandoned) == {"new"}
+    assert state._abandoned["new"] <= time.monotonic()
+
+
 def test_capacity_follows_replica_heartbeats() -> None:
     from deployments.admission import HEARTBEAT_TTL_S
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import threading
 import time
@@ -378,3 +379,65 @@ def test_client_disconnect_aborts_the_engine_request(base_url: str) -> None:
                 break  # leaving the block closes the connection mid-stream
     shared = serve.get_deployment_handle("shared-tiny-llama", app_name="tiered")
     wait_until_replica_idle(shared, "after a client disconnect")
+
+
+async def _disconnect_at(base_url: str, tenant: str, stage: str) -> None:
+    """One streamed request whose client goes away at `stage`: "queued" (before any
+    byte), "first" (after the first chunk) or "done" (right after `[DONE]`)."""
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": f"bye {stage}"}],
+        "max_tokens": 40,
+        "stream": True,
+    }
+    headers = {"Authorization": f"Bearer {KEYS[tenant]}"}
+    async with httpx.AsyncClient(timeout=60) as c:
+        if stage == "queued":  # gone after 0.2 s, most likely still waiting for a seat
+            with contextlib.suppress(httpx.ReadTimeout):
+                await c.post(
+                    f"{base_url}/chat/completions", json=body, headers=headers, timeout=0.2
+                )
+            return
+        async with c.stream(
+            "POST", f"{base_url}/chat/completions", json=body, headers=headers
+        ) as response:
+            async for line in response.aiter_lines():
+                if stage == "first" and line.startswith("data: {"):
+                    return
+                if line == "data: [DONE]":
+                    return
+
+
+def _held(base_url: str) -> dict:
+    snap = httpx.get(
+        f"{base_url.removesuffix('/v1')}/admin/usage",
+        headers={"Authorization": f"Bearer {KEYS['admin']}"},
+        timeout=10,
+    ).json()
+    held = {f"pool:{k}": v["in_use"] + v["queued"] for k, v in snap["pools"].items()}
+    return held | {f"dedicated:{k}": v["in_use"] for k, v in snap["dedicated"].items()}
+
+
+def test_disconnects_at_any_stage_leave_no_slot_held(base_url: str) -> None:
+    """Clients that leave while queued, mid-stream or right at [DONE] (dedicated, spilled
+    and shared): every seat comes back. Ray cancels a cancelled request's child calls, so
+    the release must not be one of them."""
+
+    async def wave() -> None:
+        jobs = [
+            _disconnect_at(base_url, tenant, stage)
+            for tenant in ("acme", "globex", "initech")
+            for stage in ("done", "first", "queued", "done")
+        ]
+        await asyncio.gather(*jobs)
+
+    for _ in range(2):
+        asyncio.run(asyncio.wait_for(wave(), 120))
+    deadline = time.monotonic() + 30
+    held = _held(base_url)
+    while time.monotonic() < deadline and any(held.values()):
+        time.sleep(0.5)
+        held = _held(base_url)
+    assert not any(held.values()), f"seats still held after every client left: {held}"
+    # and the pool still serves
+    assert chat(client(base_url, "globex")).parse().choices[0].finish_reason == "length"

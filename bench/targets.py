@@ -1,0 +1,224 @@
+"""Where the load goes: a given URL, or a local Ray + Serve cluster running a Tiered config
+(and, for P3, the plain Serve echo app beside it) that lives for one run.
+
+The local cluster follows the scenario's `target:` section: the Tiered YAML, optionally
+without tenant limits (so the load reaches the pools rather than RPM/TPM), and with
+`--pinned` the dedicated replicas on the first half of the cores and the shared pool on
+the other half, which emulates separate nodes on a small box (the Serve proxy, ingress
+and admission actor stay unpinned: they are the shared front door).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+
+from bench.scenario import Scenario, ScenarioError
+
+APP, ECHO_APP = "tiered", "echo"
+DEPLOY_DEADLINE_S = 300.0
+HEALTH_DEADLINE_S = 60.0
+
+
+@dataclass
+class Target:
+    endpoints: dict[str, str]
+    description: str
+    tokenizer: str | None = None
+    watcher: ReplicaWatcher | None = None
+    settings: dict = field(default_factory=dict)
+
+
+def url_target(url: str, extra: dict[str, str]) -> Target:
+    """An endpoint already running; `url` is the base URL (…/v1)."""
+    return Target({"main": url.rstrip("/"), **extra}, f"given URL {url}")
+
+
+def tiered_config(scenario: Scenario, pinned: bool):  # type: ignore[no-untyped-def]
+    """The Tiered config the local cluster runs for this scenario."""
+    from deployments.config import DEFAULT_CONFIG, load_config
+
+    spec = scenario.target
+    path = DEFAULT_CONFIG
+    if spec.tiered_config:
+        base = scenario.source.parent if scenario.source else Path.cwd()
+        path = (base / spec.tiered_config).resolve()
+        if not path.is_file():
+            raise ScenarioError(f"target.tiered_config: no file {path}")
+    config = load_config(path)
+    if config.model(scenario.model) is None:
+        names = [m.name for m in config.models]
+        raise ScenarioError(f"model {scenario.model!r} is not in {path} (it serves {names})")
+    if spec.unlimited_tenants:
+        for tenant in config.tenants:
+            tenant.rpm = tenant.tpm = tenant.max_concurrency = None
+    if pinned:
+        pin(config, sorted(os.sched_getaffinity(0)))
+    return type(config).model_validate(config.model_dump()), path
+
+
+def pin(config, cpus: list[int]) -> None:  # type: ignore[no-untyped-def]
+    """Dedicated replicas on the first half of `cpus`, shared pools on the second half."""
+    if len(cpus) < 2:
+        raise ScenarioError("--pinned needs at least 2 CPUs")
+    half = len(cpus) // 2
+    dedicated, shared = cpus[:half], cpus[half:]
+    for model in config.models:
+        model.shared_pool.cpu_affinity = [shared] * model.shared_pool.tp_size
+    for tenant in config.tenants:
+        if tenant.dedicated is not None:
+            replica = tenant.dedicated.replica
+            replica.cpu_affinity = [dedicated] * replica.tp_size
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _deploy(app, name: str, route_prefix: str, deadline_s: float) -> None:  # type: ignore[no-untyped-def]
+    """serve.run (which waits for the app to be ready) under a deadline, in a thread;
+    then the app's status must be RUNNING."""
+    from ray import serve
+
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            serve.run(app, name=name, route_prefix=route_prefix)
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(deadline_s)
+    if thread.is_alive():
+        raise TimeoutError(f"application {name} not deployed after {deadline_s:.0f}s")
+    if failure:
+        raise failure[0]
+    _wait_running(name, 30.0)
+
+
+def _wait_running(app: str, deadline_s: float) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + deadline_s
+    status = None
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(app)
+        if status is not None and status.status == "RUNNING":
+            return
+        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RuntimeError(f"application {app} is {status.status}: {status.message}")
+        time.sleep(0.5)
+    raise TimeoutError(f"application {app} not RUNNING after {deadline_s:.0f}s: {status}")
+
+
+def _wait_healthy(url: str, deadline_s: float) -> None:
+    deadline = time.monotonic() + deadline_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+            last = "not 200"
+        except httpx.HTTPError as exc:
+            last = str(exc)
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not healthy after {deadline_s:.0f}s: {last}")
+
+
+@contextmanager
+def local_target(scenario: Scenario, pinned: bool, console: Console) -> Iterator[Target]:
+    """Start Ray and Serve on loopback, deploy, yield the endpoints, tear everything down."""
+    import ray
+    from ray import serve
+
+    from deployments.app import build_from_config
+    from models.default_model import resolve_model_path
+
+    config, path = tiered_config(scenario, pinned)
+    model_dir = str(resolve_model_path(config.model(scenario.model).path))
+    port = _free_port()
+    with console.status(f"starting a local Ray cluster with {path.name}"):
+        ray.init(
+            address="local",  # a fresh instance, never a cluster that happens to run here
+            num_cpus=scenario.target.num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        with console.status("deploying Tiered (every replica loads the model)"):
+            _deploy(build_from_config(config), APP, "/", DEPLOY_DEADLINE_S)
+            _wait_healthy(f"http://127.0.0.1:{port}/health", HEALTH_DEADLINE_S)
+        endpoints = {"main": f"http://127.0.0.1:{port}/v1"}
+        if scenario.target.echo:
+            from bench.echo_app import echo_app
+
+            with console.status("deploying the echo app"):
+                app = echo_app(config.ingress.num_replicas)
+                _deploy(app, ECHO_APP, "/echo", DEPLOY_DEADLINE_S)
+            endpoints["echo"] = f"http://127.0.0.1:{port}/echo/v1"
+        watcher = ReplicaWatcher(APP, scenario.target.watch) if scenario.target.watch else None
+        settings = {
+            "tiered_config": str(path),
+            "pinned": pinned,
+            "unlimited_tenants": scenario.target.unlimited_tenants,
+            "ray_num_cpus": scenario.target.num_cpus,
+        }
+        label = f"local Ray, {path.name}, {'pinned' if pinned else 'unpinned'}"
+        yield Target(endpoints, label, tokenizer=model_dir, watcher=watcher, settings=settings)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+class ReplicaWatcher:
+    """Samples the replica states of some deployments of an app every `period_s` in a
+    thread: {t (perf_counter), deployment, running, starting, stopping}."""
+
+    def __init__(self, app: str, deployments: list[str], period_s: float = 0.25) -> None:
+        self.app, self.deployments, self.period_s = app, deployments, period_s
+        self.samples: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        from ray import serve
+
+        while not self._stop.is_set():
+            try:
+                deps = serve.status().applications[self.app].deployments
+            except Exception:  # a status call may fail while Serve reconfigures
+                deps = {}
+            now = time.perf_counter()
+            for name in self.deployments:
+                if name in deps:
+                    states = deps[name].replica_states
+                    self.samples.append({
+                        "t": now,
+                        "deployment": name,
+                        "running": states.get("RUNNING", 0),
+                        "starting": states.get("STARTING", 0),
+                        "stopping": states.get("STOPPING", 0),
+                    })
+            self._stop.wait(self.period_s)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> list[dict]:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        return self.samples
