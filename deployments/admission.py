@@ -26,6 +26,10 @@ HEARTBEAT_TTL_S = 15.0  # a replica not heard from for this long no longer count
 # A ticket given up before its grant, whose grant never came (the wait itself was
 # cancelled or timed out), is forgotten after this long.
 ABANDONED_TTL_S = 900.0
+# An ingress replica not heard from for this long is gone (crashed, replaced): the seats
+# its requests held go back to their pools. Ingress replicas report at each health check.
+INGRESS_HEARTBEAT_S = 10.0
+OWNER_TTL_S = 6 * INGRESS_HEARTBEAT_S
 
 
 def admission_actor_name(config: dict) -> str:
@@ -56,16 +60,18 @@ class AdmissionState:
         self._seats: dict[str, dict[str, tuple[int, float]]] = {}
         # ticket -> when: finished by the caller before the grant arrived
         self._abandoned: dict[str, float] = {}
+        self._owner_of: dict[str, str] = {}  # ticket -> the ingress replica holding it
+        self._owner_seen: dict[str, float] = {}  # ingress replica -> last heard from
 
     def reserve(self, tenant: str, tokens: int, limits: dict) -> dict:
         return asdict(self.limits.reserve(tenant, tokens, Limits(**limits)))
 
-    def try_dedicated(self, tenant: str, ticket: str) -> bool:
+    def try_dedicated(self, tenant: str, ticket: str, owner: str | None = None) -> bool:
         """Take a slot of the tenant's private deployment; False when it is saturated."""
         if self.dedicated_in_use[tenant] >= self.dedicated_capacity[tenant]:
             return False
         self.dedicated_in_use[tenant] += 1
-        self._held[ticket] = ("dedicated", tenant)
+        self._hold(ticket, ("dedicated", tenant), owner)
         return self._keep_unless_abandoned(ticket)
 
     async def acquire_shared(
@@ -77,6 +83,7 @@ class AdmissionState:
         cost: int,
         deadline_s: float,
         ticket: str,
+        owner: str | None = None,
     ) -> dict:
         try:
             granted = await self.pools[pool].acquire(tenant, band, weight, cost, deadline_s)
@@ -87,10 +94,36 @@ class AdmissionState:
             return {"ticket": None, "reason": "queue_deadline", "retry_after_s": exc.retry_after_s}
         except QueueFull:
             return {"ticket": None, "reason": "queue_full", "retry_after_s": 1.0}
-        self._held[ticket] = ("pool", pool)
+        self._hold(ticket, ("pool", pool), owner)
         if not self._keep_unless_abandoned(ticket):
             return {"ticket": None, "reason": "abandoned", "retry_after_s": 0.0}
         return {"ticket": ticket, "waited_s": waited}
+
+    def _hold(self, ticket: str, held: tuple[str, str], owner: str | None) -> None:
+        self._held[ticket] = held
+        if owner is not None:
+            self._owner_of[ticket] = owner
+            self._owner_seen[owner] = time.monotonic()
+
+    def ingress_heartbeat(self, owner: str, now: float | None = None) -> int:
+        """An ingress replica is alive; returns how many orphaned seats were reclaimed."""
+        now = time.monotonic() if now is None else now
+        self._owner_seen[owner] = now
+        return self.reclaim_orphans(now)
+
+    def reclaim_orphans(self, now: float | None = None) -> int:
+        """Release the seats of ingress replicas that stopped reporting (a crash or a
+        replacement ends their streams without a release)."""
+        now = time.monotonic() if now is None else now
+        gone = {o for o, seen in self._owner_seen.items() if now - seen > OWNER_TTL_S}
+        if not gone:
+            return 0
+        orphans = [t for t, o in self._owner_of.items() if o in gone]
+        for ticket in orphans:
+            self._release(ticket)
+        for owner in gone:
+            del self._owner_seen[owner]
+        return len(orphans)
 
     def _keep_unless_abandoned(self, ticket: str) -> bool:
         """A caller that gave up (client gone) already called finish: release at once."""
@@ -107,6 +140,7 @@ class AdmissionState:
 
     def _release(self, ticket: str) -> bool:
         held = self._held.pop(ticket, None)
+        self._owner_of.pop(ticket, None)
         if held is None:
             return False
         kind, name = held
@@ -211,6 +245,7 @@ class AdmissionActor(AdmissionState):
 
     async def _export_forever(self) -> None:
         while True:
+            self.reclaim_orphans()
             self.exporter.export(self)
             await asyncio.sleep(EXPORT_INTERVAL_S)
 

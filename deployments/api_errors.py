@@ -8,6 +8,7 @@ here; only a bug reaches the 500 handler. The body-size limit lives here too, be
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -79,6 +80,24 @@ class OpenAIError(Exception):
         return JSONResponse(
             self.to_dict(), self.status, headers={**self.headers, **(extra_headers or {})}
         )
+
+
+def rate_limited(decision: dict, what: str) -> OpenAIError:
+    """A 429 in OpenAI's shape, with Retry-After and the rate-limit headers."""
+    retry = max(1, math.ceil(decision.get("retry_after_s", 1.0)))
+    headers = {
+        **decision.get("headers", {}),
+        "retry-after": str(retry),
+        "retry-after-ms": str(int(decision.get("retry_after_s", 1.0) * 1000)),
+    }
+    reason = decision.get("reason", "rate_limit")
+    return OpenAIError(429, what, code=f"rate_limit_exceeded:{reason}", headers=headers)
+
+
+def bearer_token(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
 def unavailable(message: str, code: str = "model_unavailable") -> OpenAIError:

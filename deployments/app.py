@@ -12,7 +12,7 @@ from typing import Any
 
 from ray import serve
 
-from deployments.admission import admission_actor_name
+from deployments.admission import INGRESS_HEARTBEAT_S, admission_actor_name
 from deployments.autoscaling import AutoscalingSpec
 from deployments.config import TieredConfig, load_config, parse_config
 from deployments.ingress import Ingress
@@ -71,6 +71,7 @@ def build_from_config(config: TieredConfig) -> serve.Application:
         num_replicas=config.ingress.num_replicas,
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=1000,
+        health_check_period_s=INGRESS_HEARTBEAT_S,  # also its heartbeat to admission
     )
     return ingress.bind(config.model_dump(), shared, dedicated)
 

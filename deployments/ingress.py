@@ -8,7 +8,6 @@ settle tokens, release the slot and meter usage when the stream closes, however 
 
 import json
 import logging
-import math
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,7 +19,13 @@ from ray import serve
 
 from deployments.admission import admission_actor_name, get_admission
 from deployments.admission_metrics import pool_facts
-from deployments.api_errors import OpenAIError, from_engine_error, install_error_handlers
+from deployments.api_errors import (
+    OpenAIError,
+    bearer_token,
+    from_engine_error,
+    install_error_handlers,
+    rate_limited,
+)
 from deployments.config import TieredConfig
 from deployments.keys import KeyRing, external_keys
 from deployments.openai_protocol import ChatCompletionRequest, CompletionRequest
@@ -42,23 +47,6 @@ REPLICA_HEADER = "x-tiered-replica"
 app = FastAPI(title="Tiered", version="0.1.0", description="OpenAI-compatible multi-tenant API")
 install_error_handlers(app)
 app.add_middleware(RequestMetricsMiddleware)
-
-
-def _rate_limited(decision: dict, what: str) -> OpenAIError:
-    retry = max(1, math.ceil(decision.get("retry_after_s", 1.0)))
-    headers = {
-        **decision.get("headers", {}),
-        "retry-after": str(retry),
-        "retry-after-ms": str(int(decision.get("retry_after_s", 1.0) * 1000)),
-    }
-    reason = decision.get("reason", "rate_limit")
-    return OpenAIError(429, what, code=f"rate_limit_exceeded:{reason}", headers=headers)
-
-
-def _bearer(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
 @serve.ingress(app)
@@ -93,6 +81,7 @@ class Ingress:
             for t in self.config.tenants
             if t.dedicated
         }
+        self.owner = serve.get_replica_context().replica_id.unique_id
         self.admission = get_admission(
             admission_actor_name(config),
             pools,
@@ -100,6 +89,11 @@ class Ingress:
             self.config.dispatch.max_queue_len,
             pool_facts(self.config),
         )
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check doubles as this replica's heartbeat to the
+        admission actor, which frees the seats of replicas that stop reporting."""
+        self.admission.ingress_heartbeat.remote(self.owner)
 
     # ---- plain endpoints ------------------------------------------------------------
     @app.get("/health")
@@ -118,8 +112,8 @@ class Ingress:
 
     @app.get("/admin/usage")
     async def usage(self, request: Request) -> dict:
-        if self.admin_keys.tenant_for(_bearer(request)) is None:
-            if self.keys.tenant_for(_bearer(request)) is not None:
+        if self.admin_keys.tenant_for(bearer_token(request)) is None:
+            if self.keys.tenant_for(bearer_token(request)) is not None:
                 raise OpenAIError(403, "this endpoint needs an admin key", code="forbidden")
             raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")
         return await self.admission.snapshot.remote()
@@ -134,11 +128,11 @@ class Ingress:
 
     # ---- the request path -----------------------------------------------------------
     def _authenticate(self, request: Request) -> TenantSpec:
-        name = self.keys.tenant_for(_bearer(request))
+        name = self.keys.tenant_for(bearer_token(request))
         if name is None:
             message = (
                 "You didn't provide an API key."
-                if not _bearer(request)
+                if not bearer_token(request)
                 else "Incorrect API key provided."
             )
             raise OpenAIError(401, message, code="invalid_api_key")
@@ -233,7 +227,7 @@ class Ingress:
         limits = {"rpm": tenant.rpm, "tpm": tenant.tpm, "max_concurrency": tenant.max_concurrency}
         decision = await self.admission.reserve.remote(tenant.name, cost, limits)
         if not decision["allowed"]:
-            raise _rate_limited(
+            raise rate_limited(
                 decision, f"Rate limit reached for tenant '{tenant.name}' ({decision['reason']})."
             )
         ratelimit_headers = decision["headers"]
@@ -283,7 +277,9 @@ class Ingress:
         ded = tenant.dedicated
         if ded is not None and ded.model == model and req.service_tier != "default":
             admitted.slot_pending = True
-            got = await self.admission.try_dedicated.remote(tenant.name, admitted.ticket)
+            got = await self.admission.try_dedicated.remote(
+                tenant.name, admitted.ticket, self.owner
+            )
             admitted.slot_pending = False
             if got:
                 return "dedicated", False, self.dedicated[tenant.name], tenant.priority
@@ -313,10 +309,11 @@ class Ingress:
             cost,
             self.config.dispatch.queue_deadline_s,
             admitted.ticket,
+            self.owner,
         )
         admitted.slot_pending = False
         if result["ticket"] is None:
-            raise _rate_limited(result, "The shared pool is saturated; retry later.")
+            raise rate_limited(result, "The shared pool is saturated; retry later.")
         return "shared", spill, self.shared[model], band
 
     async def _respond(self, req, kind, handle, job, meta, admitted, headers, timer):  # type: ignore[no-untyped-def]

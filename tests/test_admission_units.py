@@ -181,6 +181,29 @@ def test_tickets_given_up_whose_grant_never_comes_are_forgotten() -> None:
     assert state._abandoned["new"] <= time.monotonic()
 
 
+def test_seats_of_an_ingress_replica_that_stopped_reporting_come_back() -> None:
+    """A crashed ingress replica never releases its requests' seats; once it has been
+    silent for OWNER_TTL_S, they go back to their pools, and a live replica's stay."""
+    import time
+
+    from deployments.admission import OWNER_TTL_S
+
+    async def main() -> None:
+        state = AdmissionState({"m": 2}, {"acme": 1}, 16)
+        now = time.monotonic()
+        assert state.try_dedicated("acme", "d1", owner="gone")
+        assert (await state.acquire_shared("m", "a", 0, 1.0, 1, 5.0, "s1", "gone"))["ticket"]
+        assert (await state.acquire_shared("m", "b", 0, 1.0, 1, 5.0, "s2", "alive"))["ticket"]
+        assert state.ingress_heartbeat("alive", now + OWNER_TTL_S / 2) == 0
+        assert state.pools["m"].in_use == 2 and state.dedicated_in_use["acme"] == 1
+        assert state.ingress_heartbeat("alive", now + OWNER_TTL_S + 1) == 2
+        assert state.pools["m"].in_use == 1 and state.dedicated_in_use["acme"] == 0
+        state.finish("s2", None, 0, None)  # the live replica's request ends as usual
+        assert state.pools["m"].in_use == 0
+
+    _run(main())
+
+
 def test_capacity_follows_replica_heartbeats() -> None:
     from deployments.admission import HEARTBEAT_TTL_S
 
