@@ -184,6 +184,11 @@ def test_every_catalogue_metric_is_exported_with_bounded_labels(traffic: dict) -
     # the bad key of the 401 is counted as "unknown", never by its value.
     assert {ACME, GLOBEX, LIMITED, "unknown"} <= tenants
     assert not any(t.startswith("tk-") or t == "nope" for t in tenants), tenants
+    assert all(re.fullmatch(r"[a-z0-9][a-z0-9_-]*", t) for t in tenants), tenants
+    unauthenticated = {
+        s["tenant"] for s in found["tiered_requests_total"] if s["code"] == "401"
+    }
+    assert unauthenticated == {"unknown"}, unauthenticated
     tiers = {s["tier"] for s in found["tiered_requests_total"]}
     assert {"dedicated", "shared", "spill"} <= tiers
     codes = {s["code"] for s in found["tiered_requests_total"]}
