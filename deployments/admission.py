@@ -245,7 +245,6 @@ class AdmissionActor(AdmissionState):
 
     async def _export_forever(self) -> None:
         while True:
-            self.reclaim_orphans()
             self.exporter.export(self)
             await asyncio.sleep(EXPORT_INTERVAL_S)
 

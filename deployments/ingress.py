@@ -112,8 +112,9 @@ class Ingress:
 
     @app.get("/admin/usage")
     async def usage(self, request: Request) -> dict:
-        if self.admin_keys.tenant_for(bearer_token(request)) is None:
-            if self.keys.tenant_for(bearer_token(request)) is not None:
+        token = bearer_token(request)
+        if self.admin_keys.tenant_for(token) is None:
+            if self.keys.tenant_for(token) is not None:
                 raise OpenAIError(403, "this endpoint needs an admin key", code="forbidden")
             raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")
         return await self.admission.snapshot.remote()
@@ -128,12 +129,11 @@ class Ingress:
 
     # ---- the request path -----------------------------------------------------------
     def _authenticate(self, request: Request) -> TenantSpec:
-        name = self.keys.tenant_for(bearer_token(request))
+        token = bearer_token(request)
+        name = self.keys.tenant_for(token)
         if name is None:
             message = (
-                "You didn't provide an API key."
-                if not bearer_token(request)
-                else "Incorrect API key provided."
+                "Incorrect API key provided." if token else "You didn't provide an API key."
             )
             raise OpenAIError(401, message, code="invalid_api_key")
         tenant = self.config.tenant(name)
