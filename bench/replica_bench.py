@@ -25,8 +25,8 @@ import ray
 from ray import serve
 
 from bench.report import emit
-from deployments.model_server import model_server_app
-from deployments.serving_config import ModelSpec, ReplicaSpec
+from deployments.config.models import ModelSpec, ReplicaSpec
+from deployments.replicas.model_server import model_server_app
 from models.default_model import default_model_path
 from models.engine import LLMEngine
 from models.sampling_params import SamplingParams

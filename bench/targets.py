@@ -45,7 +45,7 @@ def url_target(url: str, extra: dict[str, str]) -> Target:
 
 def tiered_config(scenario: Scenario, pinned: bool):  # type: ignore[no-untyped-def]
     """The Tiered config the local cluster runs for this scenario."""
-    from deployments.config import DEFAULT_CONFIG, load_config
+    from deployments.config.tiered import DEFAULT_CONFIG, load_config
 
     spec = scenario.target
     path = DEFAULT_CONFIG

@@ -12,13 +12,12 @@ from typing import Any
 
 from ray import serve
 
-from deployments.admission import INGRESS_HEARTBEAT_S, admission_actor_name
-from deployments.autoscaling import AutoscalingSpec
-from deployments.config import TieredConfig, load_config, parse_config
-from deployments.ingress import Ingress
-from deployments.model_server import model_server_app
-from deployments.serving_config import ReplicaSpec
-from deployments.tenancy_config import DedicatedSpec
+from deployments.api.ingress import Ingress
+from deployments.config.models import AutoscalingSpec, ReplicaSpec
+from deployments.config.tenants import DedicatedSpec
+from deployments.config.tiered import TieredConfig, load_config, parse_config
+from deployments.replicas.model_server import model_server_app
+from deployments.tenancy.admission import INGRESS_HEARTBEAT_S, admission_actor_name
 
 
 def shared_deployment_name(model: str) -> str:

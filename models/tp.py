@@ -105,9 +105,3 @@ def broadcast_ints(payload: torch.Tensor | None, ctx: ParallelContext, length: i
     dist.broadcast(buf, src=0, group=ctx.group)
     return buf
 
-
-def run_worker(config, parallel: ParallelContext) -> None:  # type: ignore[no-untyped-def]
-    """Ranks 1..N-1 of a TP group: see `models.runner.run_worker`."""
-    from models.runner import run_worker as _run_worker
-
-    _run_worker(config, parallel)

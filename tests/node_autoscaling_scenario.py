@@ -63,8 +63,8 @@ def main(address: str, model_dir: str) -> dict:
     from ray import serve
     from ray.serve.api import RunTarget
 
-    from deployments.model_server import model_server_app
-    from deployments.serving_config import ModelSpec, ReplicaSpec
+    from deployments.config.models import ModelSpec, ReplicaSpec
+    from deployments.replicas.model_server import model_server_app
 
     ray.init(address=address, log_to_driver=False)
     serve.start(http_options={"location": "NoServer"})

@@ -11,8 +11,8 @@ from typing import Any
 
 from ray import serve
 
-from deployments.model_server import model_server_deployment
-from deployments.serving_config import ModelSpec, ReplicaSpec
+from deployments.config.models import ModelSpec, ReplicaSpec
+from deployments.replicas.model_server import model_server_deployment
 
 GREEDY = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
 PROMPTS = [[11, 22, 33, 44, 55], list(range(100, 160)), [7] * 20]

@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from deployments.admission import AdmissionState
-from deployments.fair_queue import FairDispatcher, QueueTimeout
-from deployments.keys import KeyRing, hash_key, new_key
-from deployments.rate_limits import Limits, RateLimitState, duration
+from deployments.tenancy.admission import AdmissionState
+from deployments.tenancy.fair_queue import FairDispatcher, QueueTimeout
+from deployments.tenancy.keys import KeyRing, hash_key, new_key
+from deployments.tenancy.rate_limits import Limits, RateLimitState, duration
 
 
 def test_rpm_is_exact_and_reports_headers() -> None:
@@ -171,7 +171,7 @@ def test_tickets_given_up_whose_grant_never_comes_are_forgotten() -> None:
     must not stay forever."""
     import time
 
-    from deployments.admission import ABANDONED_TTL_S
+    from deployments.tenancy.admission import ABANDONED_TTL_S
 
     state = AdmissionState({"m": 1}, {}, 16)
     state.finish("old", None, 0, None, granted=False)
@@ -186,7 +186,7 @@ def test_seats_of_an_ingress_replica_that_stopped_reporting_come_back() -> None:
     silent for OWNER_TTL_S, they go back to their pools, and a live replica's stay."""
     import time
 
-    from deployments.admission import OWNER_TTL_S
+    from deployments.tenancy.admission import OWNER_TTL_S
 
     async def main() -> None:
         state = AdmissionState({"m": 2}, {"acme": 1}, 16)
@@ -205,7 +205,7 @@ def test_seats_of_an_ingress_replica_that_stopped_reporting_come_back() -> None:
 
 
 def test_capacity_follows_replica_heartbeats() -> None:
-    from deployments.admission import HEARTBEAT_TTL_S
+    from deployments.tenancy.admission import HEARTBEAT_TTL_S
 
     state = AdmissionState({"m": 16}, {"acme": 4}, 16)
     assert state.pools["m"].capacity == 16  # configured until replicas report
@@ -221,7 +221,7 @@ def test_capacity_follows_replica_heartbeats() -> None:
 
 def test_dedicated_reservation_is_the_autoscaling_floor() -> None:
     from deployments.app import dedicated_replica
-    from deployments.tenancy_config import DedicatedSpec
+    from deployments.config.tenants import DedicatedSpec
 
     fixed = dedicated_replica(DedicatedSpec(model="m", reserved_replicas=2, max_replicas=2))
     assert fixed.num_replicas == 2 and fixed.autoscaling is None

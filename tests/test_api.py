@@ -20,8 +20,8 @@ import pytest
 from ray import serve
 
 from deployments.app import build_from_config
-from deployments.config import TieredConfig
-from deployments.keys import hash_key
+from deployments.config.tiered import TieredConfig
+from deployments.tenancy.keys import hash_key
 from tests.serve_helpers import wait_until_replica_idle
 
 KEYS = {

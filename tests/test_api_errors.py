@@ -14,10 +14,10 @@ from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 from ray.exceptions import RayTaskError
 
-from deployments.api_errors import OpenAIError, install_error_handlers
-from deployments.openai_protocol import ChatCompletionRequest, parse_request, sampling_kwargs
-from deployments.openai_responses import ResponseBuilder
-from deployments.rate_limits import Limits, RateLimitState, too_many_requests
+from deployments.api.errors import OpenAIError, install_error_handlers
+from deployments.api.protocol import ChatCompletionRequest, parse_request, sampling_kwargs
+from deployments.api.responses import ResponseBuilder
+from deployments.tenancy.rate_limits import Limits, RateLimitState, too_many_requests
 from models.errors import (
     ContextLengthExceededError,
     EngineDeadError,

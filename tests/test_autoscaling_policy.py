@@ -6,11 +6,11 @@ import pytest
 from pydantic import ValidationError
 
 from deployments.autoscaling import (
-    AutoscalingSpec,
     PoolSignals,
     desired_replicas,
     llm_pool_policy,
 )
+from deployments.config.models import AutoscalingSpec
 
 TARGETS = AutoscalingSpec().targets()
 
@@ -160,7 +160,7 @@ def running_replicas(app: str, deployment: str) -> int:
 
 def one_model_config(model_dir, shared_pool: dict, dedicated: dict):  # type: ignore[no-untyped-def]
     """Model "m" on the tiny checkpoint (2 seats a replica), one dedicated tenant acme."""
-    from deployments.config import TieredConfig
+    from deployments.config.tiered import TieredConfig
 
     acme = {"name": "acme", "tier": "dedicated", "api_key_hashes": [], "dedicated": dedicated}
     model = {
@@ -203,8 +203,8 @@ def test_load_step_scales_up_and_idle_scales_back(ray_cluster, tiny_model_dir) -
 
     from ray import serve
 
-    from deployments.model_server import model_server_app
-    from deployments.serving_config import ModelSpec, ReplicaSpec
+    from deployments.config.models import ModelSpec, ReplicaSpec
+    from deployments.replicas.model_server import model_server_app
 
     spec = ModelSpec(
         name="auto", path=str(tiny_model_dir), engine={"num_kv_blocks": 128, "max_num_seqs": 2}

@@ -11,10 +11,10 @@ import pytest
 import yaml
 from ray import serve
 
+from cli.main import main
 from deployments.app import build_from_config
-from deployments.cli import main
-from deployments.config import TieredConfig
-from deployments.keys import hash_key
+from deployments.config.tiered import TieredConfig
+from deployments.tenancy.keys import hash_key
 
 APP, PREFIX = "bench-e2e", "/bench-e2e"
 KEYS = {"acme": "tk-bench-e2e-acme", "globex": "tk-bench-e2e-globex"}

@@ -11,10 +11,10 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.serve.schema import ServeDeploySchema
 
-from deployments.capacity import reservation_problems
-from deployments.cli import main
-from deployments.config import load_config
-from deployments.serve_render import render_serve_config
+from cli.main import main
+from deployments.config.tiered import load_config
+from deployments.render import render_serve_config
+from deployments.replicas.capacity import reservation_problems
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
 RAY_UP = ["aws-gpu.yaml", "gcp-gpu.yaml", "local.yaml"]

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.config import load_config
-from deployments.serving_config import ConfigError
+from deployments.config.models import ConfigError
+from deployments.config.tiered import load_config
 
 GPU_ENGINE = {"device": "cuda", "dtype": "bfloat16"}
 

@@ -15,7 +15,7 @@ import pytest
 import ray
 from ray import serve
 
-from deployments.model_server import WORKER_NAMESPACE
+from deployments.replicas.model_server import WORKER_NAMESPACE
 from tests.ray_fixtures import GREEDY, PROMPTS, collect, deploy, in_process_greedy, run, wait_idle
 
 

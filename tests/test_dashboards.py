@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from deployments.metrics import CATALOGUE
 from deployments.observability.dashboards import PANELS, all_dashboards, panel_queries
 from deployments.observability.generate import artifacts
+from deployments.observability.metrics import CATALOGUE
 
 METRIC = re.compile(r"\bray_(tiered_\w+?)(?:_bucket)?\b")
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from deployments.fair_queue import FairDispatcher, QueueFull, QueueTimeout, Ticket
+from deployments.tenancy.fair_queue import FairDispatcher, QueueFull, QueueTimeout, Ticket
 
 Arrival = tuple[str, int, float, int]  # tenant, band, weight, cost
 

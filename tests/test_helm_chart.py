@@ -11,10 +11,10 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from deployments.capacity import reservation_problems
-from deployments.config import TieredConfig, parse_config
+from deployments.config.tiered import TieredConfig, parse_config
 from deployments.observability.generate import artifacts
-from deployments.serve_render import render_serve_config
+from deployments.render import render_serve_config
+from deployments.replicas.capacity import reservation_problems
 
 CHART = Path(__file__).resolve().parent.parent / "helm" / "tiered"
 GPU_VALUES = yaml.safe_load((CHART / "values-gpu.yaml").read_text())

@@ -12,9 +12,10 @@ import pytest
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from deployments import keys
-from deployments.api_errors import OpenAIError
-from deployments.keys import (
+from deployments.api.errors import OpenAIError
+from deployments.config.tenants import AdminSpec, DedicatedSpec, Tenants, TenantSpec
+from deployments.tenancy import keys
+from deployments.tenancy.keys import (
     KeyRing,
     as_hash,
     bearer_token,
@@ -24,7 +25,6 @@ from deployments.keys import (
     new_key_command,
     parse_env_keys,
 )
-from deployments.tenancy_config import AdminSpec, DedicatedSpec, Tenants, TenantSpec
 
 ACME_KEY, GLOBEX_KEY, OLD_KEY = "tk-acme-1", "tk-globex-1", "tk-globex-old"
 
@@ -125,7 +125,7 @@ def test_keys_from_env_and_a_mounted_secret_file(tmp_path: Path, caplog) -> None
 
 
 def test_new_key_command_prints_a_key_and_the_line_to_paste(capsys) -> None:  # type: ignore[no-untyped-def]
-    from deployments.cli import main
+    from cli.main import main
 
     assert main(["keys", "new", "acme"]) == 0
     out = capsys.readouterr().out

@@ -22,9 +22,9 @@ import yaml
 from ray import serve
 
 from deployments.app import build_from_config
-from deployments.config import TieredConfig
-from deployments.keys import hash_key
-from deployments.metrics import CATALOGUE
+from deployments.config.tiered import TieredConfig
+from deployments.observability.metrics import CATALOGUE
+from deployments.tenancy.keys import hash_key
 
 # Names of this module's own: other modules' apps on the same cluster leave series of
 # theirs (tiny-llama, acme, ...) in the metrics agents.
@@ -314,7 +314,7 @@ def check_status_command(url: str) -> None:
     """`tiered status` reads the same Prometheus: pools, replicas and both tenant kinds."""
     from rich.console import Console
 
-    from deployments.status_command import collect, render
+    from cli.status import collect, render
 
     snap = collect(url, window="5m")
     assert {MODEL, f"dedicated:{ACME}"} <= set(snap.pools)

@@ -15,8 +15,8 @@ import ray
 from ray import serve
 from ray.util import placement_group_table
 
-from deployments.model_server import WORKER_NAMESPACE, model_server_deployment
-from deployments.serving_config import ConfigError, ModelSpec, ReplicaSpec
+from deployments.config.models import ConfigError, ModelSpec, ReplicaSpec
+from deployments.replicas.model_server import WORKER_NAMESPACE, model_server_deployment
 from tests.ray_fixtures import GREEDY, collect, deploy, in_process_greedy, run, wait_idle
 
 HOOK_KEYS = {"num_running", "num_waiting", "kv_usage", "prefix_hit_rate", "max_num_seqs"}
@@ -165,7 +165,7 @@ def _worker_alive(name: str) -> bool:
 
 
 def test_bad_configuration_refused_before_scheduling(ray_cluster, tiny_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
-    from deployments.model_server import cluster_nodes
+    from deployments.replicas.model_server import cluster_nodes
 
     groups = len(placement_group_table())
     spec = ModelSpec(name="tiny", path=str(tiny_model_dir))

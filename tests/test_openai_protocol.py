@@ -8,8 +8,8 @@ import openai.types as oa
 import openai.types.chat as oa_chat
 import pytest
 
-from deployments.api_errors import OpenAIError
-from deployments.openai_protocol import (
+from deployments.api.errors import OpenAIError
+from deployments.api.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -18,7 +18,7 @@ from deployments.openai_protocol import (
     parse_request,
     sampling_kwargs,
 )
-from deployments.openai_responses import ResponseBuilder
+from deployments.api.responses import ResponseBuilder
 from models.outputs import CompletionDelta, TokenLogprob, Usage
 from models.sampling_params import SamplingParams
 

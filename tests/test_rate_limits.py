@@ -7,7 +7,8 @@ import uuid
 
 import pytest
 
-from deployments.rate_limits import (
+from deployments.config.tenants import TenantSpec
+from deployments.tenancy.rate_limits import (
     Limits,
     RateLimitState,
     duration,
@@ -16,7 +17,6 @@ from deployments.rate_limits import (
     retry_headers,
     too_many_requests,
 )
-from deployments.tenancy_config import TenantSpec
 
 
 def test_rpm_is_exact_over_a_sliding_minute() -> None:

@@ -10,18 +10,15 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from deployments.placement import (
-    replica_actor_options,
-    replica_bundles,
-    worker_actor_options,
-)
-from deployments.serving_config import (
+from deployments.config.models import (
     ConfigError,
     ModelSpec,
     ReplicaSpec,
     validate_against_checkpoint,
     validate_against_cluster,
 )
+from deployments.config.resources import replica_bundles
+from deployments.replicas.placement import replica_actor_options, worker_actor_options
 
 GPU_NODES = [{"CPU": 8, "GPU": 4}, {"CPU": 8, "GPU": 4}]
 WHERE = "models[0].shared_pool"
@@ -217,7 +214,7 @@ def test_cpu_replica_cross_node() -> None:
 def test_deployment_builder_refuses_bad_config_without_touching_ray(ckpt: Path) -> None:
     import ray
 
-    from deployments.model_server import model_server_deployment
+    from deployments.replicas.model_server import model_server_deployment
 
     started = ray.is_initialized()
     spec = ModelSpec(name="m", path=str(ckpt))

@@ -115,7 +115,7 @@ def test_cli_make_default(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "deployments.cli",
+            "cli.main",
             "model",
             "make-default",
             "--output",

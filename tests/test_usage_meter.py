@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from deployments.usage_meter import UsageMeter, get_usage_meter
+from deployments.tenancy.usage import UsageMeter, get_usage_meter
 
 
 def _record(meter: UsageMeter, tenant: str, tier: str, spill: bool = False, **tokens: int) -> None:

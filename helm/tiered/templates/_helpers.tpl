@@ -28,7 +28,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- toYaml $out }}
 {{- end -}}
 
-{{/* The Serve config: the same shape `tiered config render` emits (deployments/serve_render.py),
+{{/* The Serve config: the same shape `tiered config render` emits (deployments/render.py),
      with the Tiered config inline in the app's args and the worker groups as its node types. */}}
 {{- define "tiered.serveConfig" -}}
 {{- $tiered := deepCopy .Values.tiered }}

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import ray
 
-from deployments.api_errors import OpenAIError
+from deployments.api.errors import OpenAIError
 
 WINDOW_S = 60.0
 DEFAULT_TTL_S = 900.0

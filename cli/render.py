@@ -10,10 +10,10 @@ import yaml
 
 
 def _render(args: argparse.Namespace) -> int:
-    from deployments.capacity import reservation_problems
-    from deployments.config import load_config
-    from deployments.serve_render import render_serve_config
-    from deployments.serving_config import ConfigError
+    from deployments.config.models import ConfigError
+    from deployments.config.tiered import load_config
+    from deployments.render import render_serve_config
+    from deployments.replicas.capacity import reservation_problems
 
     try:  # the weights live on the cluster, not necessarily here
         config = load_config(args.config, checkpoints=False)

@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from deployments.api_errors import OpenAIError, from_validation_error
+from deployments.api.errors import OpenAIError, from_validation_error
 
 INT64 = 2**63
 # Known OpenAI parameters Tiered does not implement -> values that mean "not used".

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deployments.autoscaling import AutoscalingSpec
-from deployments.placement import pack_on_nodes, rank_resources, replica_bundles
+from deployments.config.resources import pack_on_nodes, rank_resources, replica_bundles
 from models.default_model import SHAPES
 from models.engine_config import EngineConfig
 
+# Rendered into Serve configs by name: the policy must stay importable at this path.
+POLICY_PATH = "deployments.autoscaling:llm_pool_policy"
 PlacementStrategy = Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"]
 
 
@@ -39,6 +40,57 @@ class EngineSpec(BaseModel):
     max_num_batched_tokens: int = Field(2048, ge=16)
     max_model_len: int | None = Field(None, ge=16)
     enable_prefix_caching: bool = True
+
+
+class AutoscalingSpec(BaseModel):
+    """Bounds, delays and targets for one deployment's replica count."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    metrics_interval_s: float = Field(2.0, gt=0)
+    target_kv_usage: float = Field(0.75, gt=0, le=1)
+    target_seq_usage: float = Field(0.8, gt=0, le=1)
+    target_waiting_per_replica: float = Field(1.0, gt=0)
+    target_queue_wait_s: float = Field(
+        2.0, gt=0, description="Mean fair-queue wait, while requests queue, to hold at."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}"
+            )
+        return self
+
+    def serve_config(self, pool: str = "") -> dict[str, Any]:
+        """Serve's `autoscaling_config`, with this module's policy and targets; `pool` labels
+        the decisions in the `tiered_pool_replicas` metric."""
+        return {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "initial_replicas": self.min_replicas,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+            "metrics_interval_s": self.metrics_interval_s,
+            "look_back_period_s": max(2 * self.metrics_interval_s, 1.0),
+            "policy": {
+                "policy_function": POLICY_PATH,
+                "policy_kwargs": {"targets": self.targets(), "pool": pool},
+            },
+        }
+
+    def targets(self) -> dict[str, float]:
+        return {
+            "kv_usage": self.target_kv_usage,
+            "seq_usage": self.target_seq_usage,
+            "waiting_per_replica": self.target_waiting_per_replica,
+            "queue_wait_s": self.target_queue_wait_s,
+        }
 
 
 class ReplicaSpec(BaseModel):

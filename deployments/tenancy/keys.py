@@ -19,8 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from deployments.api_errors import OpenAIError
-from deployments.tenancy_config import TENANT_NAME_PATTERN, TenantSpec
+from deployments.api.errors import OpenAIError
+from deployments.config.tenants import TENANT_NAME_PATTERN, TenantSpec
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deployments import metrics
+from deployments.observability import metrics
 from models.outputs import Usage
 
 NO_TIER = "none"

@@ -32,7 +32,8 @@ class TPWorker:
 
     def run(self, config: EngineConfig, world_size: int, init_method: str) -> int:
         """Join the group and serve steps; returns the rank when rank 0 shuts down."""
-        from models.tp import init_parallel, run_worker
+        from models.runner import run_worker
+        from models.tp import init_parallel
 
         parallel = init_parallel(self.rank, world_size, init_method, config.device)
         run_worker(config, parallel)

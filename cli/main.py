@@ -40,12 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     from bench import command as bench_command
-    from deployments import render_command, serve_command, status_command
+    from cli import render, serve, status
 
     return [
-        serve_command.register,
-        status_command.register,
-        render_command.register,
+        serve.register,
+        status.register,
+        render.register,
         bench_command.register,
     ]
 

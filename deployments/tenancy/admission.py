@@ -15,10 +15,10 @@ from dataclasses import asdict
 
 import ray
 
-from deployments.admission_metrics import EXPORT_INTERVAL_S, AdmissionExporter, PoolFacts
-from deployments.fair_queue import FairDispatcher, QueueFull, QueueTimeout
-from deployments.rate_limits import Limits, RateLimitState
-from deployments.usage_meter import UsageMeter
+from deployments.observability.admission import EXPORT_INTERVAL_S, AdmissionExporter, PoolFacts
+from deployments.tenancy.fair_queue import FairDispatcher, QueueFull, QueueTimeout
+from deployments.tenancy.rate_limits import Limits, RateLimitState
+from deployments.tenancy.usage import UsageMeter
 
 ACTOR_NAME = "tiered-admission"
 ACTOR_NAMESPACE = "tiered"

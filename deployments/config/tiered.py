@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from deployments.serving_config import (
+from deployments.config.models import (
     ConfigError,
     ModelSpec,
     ReplicaSpec,
@@ -16,7 +16,7 @@ from deployments.serving_config import (
     validate_against_checkpoint,
     validate_against_cluster,
 )
-from deployments.tenancy_config import DispatchSpec, IngressSpec, TenantSpec
+from deployments.config.tenants import DispatchSpec, IngressSpec, TenantSpec
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "cluster" / "serve-default.yaml"
 

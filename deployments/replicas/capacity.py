@@ -10,33 +10,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from deployments.config import TieredConfig
-from deployments.placement import Resources, fits, replica_bundles
-
-
-def _place(bundles: list[Resources], free: list[Resources], strategy: str) -> bool:
-    """Take one replica's bundles from `free` (first fit), or leave `free` untouched."""
-    if strategy == "STRICT_PACK":  # all ranks on one node: place their sum
-        total: Resources = {}
-        for bundle in bundles:
-            for k, v in bundle.items():
-                total[k] = total.get(k, 0.0) + v
-        bundles = [total]
-    trial = [dict(n) for n in free]
-    used: set[int] = set()
-    for bundle in bundles:
-        spread = strategy == "STRICT_SPREAD"
-        slot = next(
-            (i for i, n in enumerate(trial) if fits(bundle, n) and not (spread and i in used)),
-            None,
-        )
-        if slot is None:
-            return False
-        for k, v in bundle.items():
-            trial[slot][k] = trial[slot].get(k, 0.0) - v
-        used.add(slot)
-    free[:] = trial
-    return True
+from deployments.config.resources import Resources, place, replica_bundles
+from deployments.config.tiered import TieredConfig
 
 
 def reservation_problems(config: TieredConfig) -> list[str]:
@@ -58,7 +33,7 @@ def reservation_problems(config: TieredConfig) -> list[str]:
             for _ in range(t.max_workers)
         ]
         for where, bundles, count, strategy in deployments:
-            placed = sum(_place(bundles, nodes, strategy) for _ in range(count))
+            placed = sum(place(bundles, nodes, strategy) for _ in range(count))
             if placed < count:
                 kind = f"nodes with {resource!r}" if resource else "nodes"
                 problems.append(

@@ -26,16 +26,17 @@ from ray import serve
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from deployments.admission import ACTOR_NAMESPACE
-from deployments.placement import replica_actor_options, replica_bundles, worker_actor_options
-from deployments.replica_metrics import ReplicaExporter
-from deployments.serving_config import (
+from deployments.config.models import (
     ModelSpec,
     ReplicaSpec,
     validate_against_checkpoint,
     validate_against_cluster,
 )
-from deployments.tp_worker import TPWorker, rendezvous_address
+from deployments.config.resources import replica_bundles
+from deployments.observability.replicas import ReplicaExporter
+from deployments.replicas.placement import replica_actor_options, worker_actor_options
+from deployments.replicas.tp_worker import TPWorker, rendezvous_address
+from deployments.tenancy.admission import ACTOR_NAMESPACE
 from models.async_engine import AsyncLLMEngine
 from models.default_model import resolve_model_path
 from models.errors import EngineDeadError

@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from deployments.app import dedicated_deployment_name, dedicated_replica, shared_deployment_name
-from deployments.config import TieredConfig
-from deployments.serving_config import ReplicaSpec
+from deployments.config.models import ReplicaSpec
+from deployments.config.tiered import TieredConfig
 
 APP_NAME = "tiered"
 IMPORT_PATH = "deployments.app:build"

@@ -6,7 +6,7 @@ replica. Engine counters are cumulative; `CounterDeltas` turns them into increme
 
 from __future__ import annotations
 
-from deployments import metrics
+from deployments.observability import metrics
 from models.outputs import EngineStats
 
 

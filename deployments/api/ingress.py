@@ -17,23 +17,27 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 
-from deployments.admission import admission_actor_name, get_admission
-from deployments.admission_metrics import pool_facts
-from deployments.api_errors import (
+from deployments.api.claims import AdmittedRequest, ClosingStreamingResponse
+from deployments.api.errors import (
     OpenAIError,
     bearer_token,
     from_engine_error,
     install_error_handlers,
     rate_limited,
 )
-from deployments.config import TieredConfig
-from deployments.keys import KeyRing, external_keys
-from deployments.openai_protocol import ChatCompletionRequest, CompletionRequest
-from deployments.openai_responses import SSE_DONE, ResponseBuilder, sse
-from deployments.request_claims import AdmittedRequest, ClosingStreamingResponse
-from deployments.request_metrics import RequestMetricsMiddleware, RequestTimer, rejection_reason
-from deployments.serving_config import initial_replicas
-from deployments.tenancy_config import TenantSpec
+from deployments.api.protocol import ChatCompletionRequest, CompletionRequest
+from deployments.api.responses import SSE_DONE, ResponseBuilder, sse
+from deployments.config.models import initial_replicas
+from deployments.config.tenants import TenantSpec
+from deployments.config.tiered import TieredConfig
+from deployments.observability.admission import pool_facts
+from deployments.observability.requests import (
+    RequestMetricsMiddleware,
+    RequestTimer,
+    rejection_reason,
+)
+from deployments.tenancy.admission import admission_actor_name, get_admission
+from deployments.tenancy.keys import KeyRing, external_keys
 from models.default_model import resolve_model_path
 from models.errors import InvalidRequestError
 from models.outputs import Usage

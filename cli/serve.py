@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from deployments.config import DEFAULT_CONFIG, load_config
+from deployments.config.tiered import DEFAULT_CONFIG, load_config
 
 # Plaintext of the demo keys whose hashes ship in cluster/serve-default.yaml.
 DEMO_KEYS = {
@@ -76,7 +76,7 @@ def register(groups: argparse._SubParsersAction) -> None:
     new.add_argument("tenant")
 
     def _new(args: argparse.Namespace) -> int:
-        from deployments.keys import new_key_command
+        from deployments.tenancy.keys import new_key_command
 
         print(new_key_command(args.tenant), end="")
         return 0

@@ -11,11 +11,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from deployments import metrics
+from deployments.observability import metrics
 
 if TYPE_CHECKING:
-    from deployments.admission import AdmissionState
-    from deployments.config import TieredConfig
+    from deployments.config.tiered import TieredConfig
+    from deployments.tenancy.admission import AdmissionState
 
 EXPORT_INTERVAL_S = 1.0
 

@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from deployments.serving_config import ReplicaSpec
+from deployments.config.models import ReplicaSpec
 
 HASH_PATTERN = r"^sha256:[0-9a-fA-F]{64}$"  # stored lowercased
 # A stored API key: "sha256:" + 64 lowercase hex digits (see deployments.keys.hash_key).
