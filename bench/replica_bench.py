@@ -19,6 +19,7 @@ import os
 import socket
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -27,6 +28,7 @@ from ray import serve
 from bench.report import emit
 from deployments.config.models import ModelSpec, ReplicaSpec
 from deployments.replicas.model_server import model_server_app
+from deployments.replicas.requests import GenerateRequest
 from models.default_model import default_model_path
 from models.engine import LLMEngine
 from models.sampling_params import SamplingParams
@@ -38,7 +40,7 @@ LOAD = [[10 + (i * 7 + j) % 1900 for j in range(24 + i % 16)] for i in range(16)
 LOAD_TOKENS = 48
 
 
-async def _stream_times(handle, request: dict) -> list[tuple[float, int]]:
+async def _stream_times(handle, request: GenerateRequest) -> list[tuple[float, int]]:
     """(arrival time, tokens) per message: a message may carry several steps' tokens."""
     stamps = []
     async for served in handle.options(stream=True).generate.remote(request):
@@ -54,11 +56,11 @@ def _ms_per_token(stamps: list[tuple[float, int]]) -> float:
 
 
 async def _through_handle(handle) -> float:
-    params = {"max_tokens": LOAD_TOKENS, "temperature": 0.0, "ignore_eos": True}
+    params = SamplingParams(max_tokens=LOAD_TOKENS, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
     await asyncio.gather(
         *(
-            _stream_times(handle, {"request_id": f"l{i}-{start}", "prompt": p, "params": params})
+            _stream_times(handle, GenerateRequest(f"l{i}-{start}", p, params))
             for i, p in enumerate(LOAD)
         )
     )
@@ -149,12 +151,9 @@ def main() -> None:
         result[f"cold_start_tp{tp}_s"] = time.perf_counter() - start
         result[f"replica_init_tp{tp}_s"] = handles[tp].stats.remote().result()["cold_start_s"]
     for tp in (1, 2):
-        request = {
-            "request_id": f"step{tp}",
-            "prompt": [5, 6, 7, 8],
-            "params": {"max_tokens": 65, "temperature": 0.0, "ignore_eos": True},
-        }
-        asyncio.run(_stream_times(handles[tp], {**request, "request_id": f"warm{tp}"}))
+        params = SamplingParams(max_tokens=65, temperature=0.0, ignore_eos=True)
+        request = GenerateRequest(f"step{tp}", [5, 6, 7, 8], params)
+        asyncio.run(_stream_times(handles[tp], replace(request, request_id=f"warm{tp}")))
         stamps = asyncio.run(_stream_times(handles[tp], request))
         result[f"decode_step_tp{tp}_ms"] = _ms_per_token(stamps)
     result["tp2_step_overhead_ms"] = result["decode_step_tp2_ms"] - result["decode_step_tp1_ms"]

@@ -4,24 +4,49 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import threading
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
-from deployments.config.tiered import DEFAULT_CONFIG, load_config
+from deployments.config.models import ConfigError
+from deployments.config.tiered import DEFAULT_CONFIG, TieredConfig, load_config
 
 # Plaintext of the demo keys whose hashes ship in cluster/serve-default.yaml.
 DEMO_KEYS = {
     "acme (dedicated)": "tk-demo-acme-dedicated",
     "globex (shared)": "tk-demo-globex-shared",
     "initech (shared)": "tk-demo-initech-shared",
-    "admin": "tk-demo-admin",
+    "(admin key)": "tk-demo-admin",
 }
 
 
+def check_config(config_path: Path) -> TieredConfig | None:
+    """The config, its keys from TIERED_API_KEYS / TIERED_ADMIN_KEYS / TIERED_API_KEYS_FILE
+    checked the way the ingress will check them; None after a one-line error, so that a bad
+    key file stops `tiered serve` here instead of as a replica traceback after Ray starts."""
+    from deployments.tenancy.keys import load_key_rings
+
+    try:
+        config = load_config(config_path)
+        load_key_rings(config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    except (OSError, yaml.YAMLError) as exc:
+        reason = " ".join(str(exc).split())  # YAML errors span lines
+        print(f"error: {config_path}: cannot read the config ({reason})", file=sys.stderr)
+        return None
+    return config
+
+
 def serve_forever(config_path: Path, host: str, port: int, num_cpus: int) -> int:
+    config = check_config(config_path)
+    if config is None:
+        return 2
     import ray
     from ray import serve
 
@@ -29,7 +54,6 @@ def serve_forever(config_path: Path, host: str, port: int, num_cpus: int) -> int
     from models.default_model import resolve_model_path
 
     console = Console()
-    config = load_config(config_path)
     for model in config.models:
         with console.status(f"preparing model {model.name} ({model.path})"):
             resolve_model_path(model.path)
@@ -73,12 +97,18 @@ def register(groups: argparse._SubParsersAction) -> None:
         dest="keys_command", required=True
     )
     new = keys.add_parser("new", help="print a fresh key and the hash line to paste")
-    new.add_argument("tenant")
+    who = new.add_mutually_exclusive_group(required=True)
+    who.add_argument("tenant", nargs="?", help="the tenant the key is for")
+    who.add_argument("--admin", action="store_true", help="an admin key (GET /admin/usage)")
 
     def _new(args: argparse.Namespace) -> int:
         from deployments.tenancy.keys import new_key_command
 
-        print(new_key_command(args.tenant), end="")
+        try:
+            print(new_key_command(None if args.admin else args.tenant), end="")
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         return 0
 
     new.set_defaults(handler=_new)

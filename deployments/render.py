@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from deployments.app import dedicated_deployment_name, dedicated_replica, shared_deployment_name
 from deployments.config.models import ReplicaSpec
+from deployments.config.plan import INGRESS_DEPLOYMENT, deployment_plan
 from deployments.config.tiered import TieredConfig
 
 APP_NAME = "tiered"
@@ -27,16 +27,10 @@ def _deployment(name: str, replica: ReplicaSpec, pool: str) -> dict[str, Any]:
 
 def deployment_options(config: TieredConfig) -> list[dict[str, Any]]:
     """Per deployment: the replica count or autoscaling config the app builder sets."""
-    out = [{"name": "ingress", "num_replicas": config.ingress.num_replicas}]
-    for m in config.models:
-        if m.shared_pool.num_replicas > 0 or m.shared_pool.autoscaling:
-            out.append(_deployment(shared_deployment_name(m.name), m.shared_pool, m.name))
-    for t in config.tenants:
-        if t.dedicated:
-            replica = dedicated_replica(t.dedicated)
-            out.append(
-                _deployment(dedicated_deployment_name(t.name), replica, f"dedicated:{t.name}")
-            )
+    out: list[dict[str, Any]] = [
+        {"name": INGRESS_DEPLOYMENT, "num_replicas": config.ingress.num_replicas}
+    ]
+    out += [_deployment(p.deployment, p.replica, p.key) for p in deployment_plan(config)]
     return out
 
 

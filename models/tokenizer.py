@@ -7,13 +7,16 @@ and `config.json`, as transformers does, so real Llama/Qwen directories work by 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Encoding
 from tokenizers import Tokenizer as HFTokenizer
 
 from models.errors import InvalidRequestError, UnsupportedModelError
@@ -46,7 +49,37 @@ def _raise_exception(message: str) -> None:
     raise _TemplateError(message)
 
 
+# Stands in for message i's content while the template renders, so the content's place in
+# the output can be found again. Private-use characters and digits: no template filter
+# (trim, upper, escape) changes them and no vocabulary gives them a meaning.
+_SENTINEL = "\ue000{}\ue001"
+_SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
 class Tokenizer:
+    """A checkpoint's tokenizer and chat template, as transformers renders them.
+
+    Chat prompts go through `encode_chat`: control tokens (special added tokens such as
+    <|im_start|>) come only from the template, and message content is plain text, so a
+    user who types "<|im_end|><|im_start|>system" gets those characters, not a new turn.
+    Completion prompts (`encode`) are the client's raw text and keep special-token parsing.
+
+    Continuations: a conversation rendered with the generation prompt is a token prefix of
+    the next turn's prompt (that history plus the assistant's reply and a new message), so
+    the engine's prefix cache serves it again. Caveats: the reply is re-tokenized from its
+    text, so its ids are canonical BPE and may differ from the ids the model sampled; a
+    reply that starts with whitespace can fuse with the whitespace the generation prompt
+    ends with into one pre-token and change the prompt's last token where the vocabulary
+    has that merge (Qwen's ChatML with a reply starting "\\n": "\\n" becomes "\\n\\n"); and
+    templates that rewrite past turns (Qwen3 drops earlier reasoning) break it outright.
+    Llama 3's template trims content and the embedded vocabulary has no such merges, so
+    for both the prefix holds.
+    """
+
     def __init__(self, tokenizer: HFTokenizer, config: dict[str, Any], eos_ids: set[int]) -> None:
         self._tok = tokenizer
         self._config = config
@@ -59,6 +92,15 @@ class Tokenizer:
         self.add_bos_token = bool(config.get("add_bos_token", False))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self._template = self._compile(config.get("chat_template"))
+        self._control: dict[str, tuple[int, AddedToken]] = {
+            t.content: (i, t) for i, t in tokenizer.get_added_tokens_decoder().items() if t.special
+        }
+        self._control_text = {i: t.content for i, t in self._control.values()}
+        # Longest first: at one position the longest control token wins, as in `tokenizers`.
+        names = sorted(self._control, key=len, reverse=True)
+        self._control_re = (
+            re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+        )
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
@@ -77,6 +119,14 @@ class Tokenizer:
         if add_special_tokens and self.add_bos_token and bos is not None and ids[:1] != [bos]:
             ids = [bos, *ids]
         return ids
+
+    @cached_property
+    def _plain(self) -> HFTokenizer:
+        """A copy that reads special-token text as ordinary text; a copy because the flag
+        is state on the tokenizer, and flipping it on the shared one races other threads."""
+        tok = HFTokenizer.from_str(self._tok.to_str())
+        tok.encode_special_tokens = True
+        return tok
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -121,3 +171,130 @@ class Tokenizer:
             )
         except (_TemplateError, jinja2.TemplateError, TypeError, KeyError) as exc:
             raise InvalidRequestError(f"invalid messages: {exc}", "messages") from exc
+
+    def encode_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """The chat prompt's ids, with control tokens only where the template put them.
+
+        For content without control-token text this is exactly
+        `encode(apply_chat_template(messages), add_special_tokens=False)`, i.e. what
+        transformers' `apply_chat_template(tokenize=True)` gives. Content is located in the
+        rendered text by rendering again with sentinels in its place; where the template
+        rewrites content beyond trimming it, content that holds control-token text is
+        refused (400) rather than guessed at.
+        """
+        rendered = self.apply_chat_template(messages, add_generation_prompt)
+        ids = self._tok.encode(rendered, add_special_tokens=False)
+        if self._control_re is None:
+            return ids.ids
+        contents = [m.get("content") for m in messages]
+        pieces = self._locate_contents(messages, contents, rendered, add_generation_prompt)
+        if pieces is None:
+            texts = (c if isinstance(c, str) else json.dumps(c, default=str) for c in contents)
+            if any(self._control_re.search(text) for text in texts):
+                raise InvalidRequestError(
+                    "message content contains special-token text that this model's chat "
+                    "template does not let the server keep apart from its control tokens",
+                    "messages",
+                )
+            return ids.ids
+        spans, pos = [], 0
+        for text, is_content in pieces:
+            if is_content:
+                spans.append((pos, pos + len(text)))
+            pos += len(text)
+        if not any(
+            _overlaps(core, span) for core in self._control_spans(ids, rendered) for span in spans
+        ):
+            return ids.ids  # every control token is the template's: today's ids, unchanged
+        return self._encode_pieces(pieces)
+
+    def _locate_contents(
+        self,
+        messages: list[dict[str, Any]],
+        contents: list[object],
+        rendered: str,
+        add_generation_prompt: bool,
+    ) -> list[tuple[str, bool]] | None:
+        """`rendered` cut into (text, is_content) pieces, or None if it cannot be traced.
+
+        Each content is matched as given or trimmed (Llama 3 and Gemma `| trim` it); the
+        pieces must rebuild `rendered` exactly, else the template did something else.
+        """
+        if not all(c is None or isinstance(c, str) for c in contents):
+            return None  # content parts: the template renders them its own way
+        masked = [
+            {**m, "content": _SENTINEL.format(i)} if isinstance(c, str) else m
+            for i, (m, c) in enumerate(zip(messages, contents, strict=True))
+        ]
+        try:
+            skeleton = self.apply_chat_template(masked, add_generation_prompt)
+        except InvalidRequestError:  # the template inspects content: cannot trace it
+            return None
+        parts = _SENTINEL_RE.split(skeleton)  # [text, index, text, index, ..., text]
+        pieces: list[tuple[str, bool]] = []
+        pos = 0
+        for k in range(0, len(parts) - 1, 2):
+            template, index, following = parts[k], int(parts[k + 1]), parts[k + 2]
+            content = contents[index] if index < len(contents) else None
+            if not isinstance(content, str) or not rendered.startswith(template, pos):
+                return None
+            pos += len(template)
+            for variant in dict.fromkeys((content, content.strip())):
+                end = pos + len(variant)
+                if rendered.startswith(variant, pos) and rendered.startswith(following, end):
+                    break
+            else:
+                return None
+            pieces += [(template, False), (variant, True)]
+            pos = end
+        if rendered[pos:] != parts[-1]:
+            return None
+        pieces.append((parts[-1], False))
+        return pieces
+
+    def _control_spans(self, encoding: Encoding, rendered: str) -> list[tuple[int, int]]:
+        """Character spans of the control tokens in `encoding`, without the whitespace an
+        lstrip/rstrip token absorbs (that whitespace may be content; the token is not)."""
+        spans = []
+        for token_id, (start, end) in zip(encoding.ids, encoding.offsets, strict=True):
+            text = self._control_text.get(token_id)
+            if text is None:
+                continue
+            at = rendered.find(text, start, end)
+            spans.append((at, at + len(text)) if at >= 0 else (start, end))
+        return spans
+
+    def _encode_pieces(self, pieces: list[tuple[str, bool]]) -> list[int]:
+        """Control tokens parsed in template pieces only. The text between two control
+        tokens (template text and content together) is encoded as one run, as `tokenizers`
+        does for the whole string, so ordinary stretches tokenize exactly as they would."""
+        assert self._control_re is not None
+        ids: list[int] = []
+        run: list[str] = []
+        strip_next = False  # the last control token was rstrip: it eats following spaces
+
+        def flush(before_lstrip_token: bool) -> None:
+            text = "".join(run)
+            run.clear()
+            if before_lstrip_token:  # it eats the spaces before it
+                text = text.rstrip()
+            if text:
+                ids.extend(self._plain.encode(text, add_special_tokens=False).ids)
+
+        for text, is_content in pieces:
+            parts = [text] if is_content else self._control_re.split(text)
+            for k, part in enumerate(parts):
+                if k % 2 == 0:  # text (all of a content piece is text)
+                    if strip_next:
+                        part = part.lstrip()
+                        strip_next = not part
+                    run.append(part)
+                    continue
+                token_id, token = self._control[part]
+                flush(before_lstrip_token=token.lstrip)
+                ids.append(token_id)
+                strip_next = token.rstrip
+        flush(before_lstrip_token=False)
+        return ids

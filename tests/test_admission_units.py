@@ -1,229 +1,242 @@
-"""Pure-Python admission parts: rate-limit windows, the fair dispatcher, keys, usage."""
+"""The admission core without Ray: one admit and one finish per request, claims that
+survive a silent ingress and an actor restart, config applied in place, fair share
+settled on the tokens really used."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Coroutine
+from dataclasses import replace
+from typing import Any
 
 import pytest
 
-from deployments.tenancy.admission import AdmissionState
-from deployments.tenancy.fair_queue import FairDispatcher, QueueTimeout
-from deployments.tenancy.keys import KeyRing, hash_key, new_key
-from deployments.tenancy.rate_limits import Limits, RateLimitState, duration
+from deployments.config.plan import dedicated_replica
+from deployments.config.tenants import DedicatedSpec
+from deployments.tenancy.admission import HEARTBEAT_TTL_S, OWNER_TTL_S, AdmissionState
+from deployments.tenancy.types import (
+    AdmissionConfig,
+    AdmissionRequest,
+    HeldClaim,
+    PoolSeats,
+    TenantPolicy,
+    UsageRecord,
+)
 
 
-def test_rpm_is_exact_and_reports_headers() -> None:
-    state = RateLimitState()
-    limits = Limits(rpm=10)
-    results = [state.reserve("t", 5, limits, now=100.0 + i * 0.1) for i in range(15)]
-    assert sum(r.allowed for r in results) == 10
-    denied = results[10]
-    assert denied.reason == "rpm" and 59 <= denied.retry_after_s <= 60
-    assert results[0].headers["x-ratelimit-remaining-requests"] == "9"
-    assert state.reserve("t", 5, limits, now=161.0).allowed  # the window slid
+def _config(*tenants: TenantPolicy, shared: int = 2, dedicated: int = 1, version: float = 0.0):
+    pools = {"m": PoolSeats("m", "shared", shared)}
+    for t in tenants:
+        if t.dedicated_model:
+            key = f"dedicated:{t.name}"
+            pools[key] = PoolSeats(key, "dedicated", dedicated)
+    return AdmissionConfig(
+        {t.name: t for t in tenants}, pools, queue_deadline_s=5.0, version=version
+    )
 
 
-def test_tpm_reserves_then_settles_to_real_usage() -> None:
-    state = RateLimitState()
-    limits = Limits(tpm=100)
-    first = state.reserve("t", 80, limits, now=0.0)
-    assert first.allowed and not state.reserve("t", 30, limits, now=1.0).allowed
-    state.settle(first.reservation_id, 20)  # used far less than reserved
-    second = state.reserve("t", 30, limits, now=2.0)
-    assert second.allowed
-    assert second.headers["x-ratelimit-remaining-tokens"] == "50"
-    huge = state.reserve("t", 1000, limits, now=3.0)
-    assert not huge.allowed and huge.reason == "tpm"
+def _ask(claim: str, tenant: str, cost: int = 10, owner: str = "i1", **kw: Any):
+    return AdmissionRequest(claim, tenant, "m", cost, owner=owner, **kw)
 
 
-def test_concurrency_slot_held_until_settled_and_ttl_reclaims() -> None:
-    state = RateLimitState(reservation_ttl_s=30.0)
-    limits = Limits(max_concurrency=1)
-    first = state.reserve("t", 1, limits, now=0.0)
-    assert not state.reserve("t", 1, limits, now=1.0).allowed
-    state.settle(first.reservation_id, 1)
-    second = state.reserve("t", 1, limits, now=2.0)
-    assert second.allowed
-    assert state.reserve("t", 1, limits, now=40.0).allowed  # never settled: reclaimed
+def _usage(claim: str, tenant: str, tier: str, prompt: int, completion: int, spill=False):
+    return UsageRecord(claim, tenant, "m", tier, spill, prompt, 0, completion, 0.0, 1.0)
 
 
-def test_reset_duration_format() -> None:
-    assert duration(0.25) == "250ms" and duration(6) == "6s" and duration(360) == "6m0s"
-
-
-def test_keys_hash_and_revocation() -> None:
-    key, other = new_key(), new_key()
-    ring = KeyRing({"acme": [hash_key(key)], "globex": [other]}, revoked=[hash_key(other)])
-    assert ring.tenant_for(key) == "acme"
-    assert ring.tenant_for(other) is None  # revoked, even though listed
-    assert ring.tenant_for("tk-wrong") is None and ring.tenant_for(None) is None
-
-
-def _run(coro):
+def _run(coro: Coroutine) -> Any:
     return asyncio.run(asyncio.wait_for(coro, 10))
 
 
-def test_no_queue_in_front_of_a_free_slot() -> None:
+ACME = TenantPolicy("acme", priority=3, dedicated_model="m", spill=True)
+STARK = TenantPolicy("stark", dedicated_model="m", spill=False)
+GLOBEX = TenantPolicy("globex")
+
+
+def test_dedicated_first_then_spill_at_shared_priority_or_refuse() -> None:
     async def main() -> None:
-        d = FairDispatcher(capacity=2)
-        assert (await d.acquire("a", 0, 1.0, 10, 1.0)).waited_s == 0.0
-        assert (await d.acquire("b", 0, 1.0, 10, 1.0)).waited_s == 0.0
-        assert d.in_use == 2 and d.depth == 0
+        state = AdmissionState(_config(ACME, STARK, GLOBEX))
+        first = await state.admit(_ask("a1", "acme"))
+        assert (first.tier, first.spill, first.band) == ("dedicated", False, 3)
+        spilled = await state.admit(_ask("a2", "acme"))
+        assert (spilled.tier, spilled.spill, spilled.band) == ("shared", True, 0)
+        asked_shared = await state.admit(_ask("a3", "acme", prefer_dedicated=False))
+        assert (asked_shared.tier, asked_shared.spill, asked_shared.band) == ("shared", False, 3)
+        assert (await state.admit(_ask("s1", "stark"))).tier == "dedicated"
+        refused = await state.admit(_ask("s2", "stark"))
+        assert refused.refusal is not None and refused.refusal.reason == "dedicated_saturated"
+        assert refused.refusal.status == 429
+        assert "s2" not in state.claims  # a refusal holds nothing
+        assert state.dedicated["acme"].in_use == 1 and state.pools["m"].in_use == 2
 
     _run(main())
 
 
-async def _order(d: FairDispatcher, arrivals: list[tuple[str, int, float, int]]) -> list[str]:
-    """Fill the single slot, queue `arrivals`, then release one at a time."""
-    await d.acquire("holder", 0, 1.0, 1, 1.0)
-    served: list[str] = []
-
-    async def waiter(tenant: str, band: int, weight: float, cost: int) -> None:
-        await d.acquire(tenant, band, weight, cost, 5.0)
-        served.append(tenant)
-
-    tasks = []
-    for arrival in arrivals:
-        tasks.append(asyncio.create_task(waiter(*arrival)))
-        await asyncio.sleep(0)
-    for _ in arrivals:
-        d.release()
-        await asyncio.sleep(0)
-    await asyncio.gather(*tasks)
-    return served
-
-
-def test_bands_are_strict_then_fifo() -> None:
-    arrivals = [("low1", 0, 1.0, 10), ("low2", 0, 1.0, 10), ("high", 5, 1.0, 10)]
-    assert _run(_order(FairDispatcher(1), arrivals)) == ["high", "low1", "low2"]
-    same = [("a", 0, 1.0, 10), ("a", 0, 1.0, 10)]
-    assert _run(_order(FairDispatcher(1), same)) == ["a", "a"]
-
-
-def test_weighted_fair_share_on_tokens() -> None:
-    # heavy arrives first with many requests; light (weight 2) still gets 2/3 of the tokens.
-    arrivals = [("heavy", 0, 1.0, 100)] * 12 + [("light", 0, 2.0, 100)] * 12
-    served = _run(_order(FairDispatcher(1), arrivals))
-    first = served[:12]
-    assert first.count("light") == 8 and first.count("heavy") == 4
-
-
-def test_big_requests_cost_more_than_small_ones() -> None:
-    arrivals = [("big", 0, 1.0, 400)] * 4 + [("small", 0, 1.0, 100)] * 8
-    first_six = _run(_order(FairDispatcher(1), arrivals))[:6]
-    assert first_six.count("small") >= 4
-
-
-def test_deadline_and_cancellation_leave_no_trace() -> None:
+def test_finish_frees_the_seat_and_records_usage_once() -> None:
     async def main() -> None:
-        d = FairDispatcher(capacity=1)
-        await d.acquire("a", 0, 1.0, 1, 1.0)
-        with pytest.raises(QueueTimeout):
-            await d.acquire("b", 0, 1.0, 1, 0.05)
-        task = asyncio.create_task(d.acquire("c", 0, 1.0, 1, 5.0))
+        state = AdmissionState(_config(ACME))
+        await state.admit(_ask("a1", "acme"))
+        usage = _usage("a1", "acme", "dedicated", 5, 3)
+        assert state.finish("a1", usage) is True
+        assert state.finish("a1", usage) is False  # a replay after an outage
+        (row,) = state.snapshot().usage
+        assert (row.requests, row.prompt_tokens, row.completion_tokens) == (1, 5, 3)
+        assert state.dedicated["acme"].in_use == 0
+        assert (await state.admit(_ask("a2", "acme"))).tier == "dedicated"
+
+    _run(main())
+
+
+def test_unknown_tenant_is_a_503_not_a_crash() -> None:
+    refusal = _run(AdmissionState(_config()).admit(_ask("x", "ghost"))).refusal
+    assert refusal is not None and refusal.reason == "unknown_tenant" and refusal.status == 503
+
+
+def test_fair_share_is_settled_on_tokens_used_not_reserved() -> None:
+    """Both tenants reserve 1000 tokens a request; `frugal` uses 10, `hungry` 1000. On
+    tokens served, frugal gets far more requests through; on reserved cost (what ran
+    before), they would alternate 1:1."""
+
+    async def main() -> list[str]:
+        frugal, hungry = TenantPolicy("frugal"), TenantPolicy("hungry")
+        state = AdmissionState(_config(frugal, hungry, shared=1))
+        await state.admit(_ask("hold", "hungry", cost=1))
+        used = {"frugal": 10, "hungry": 1000}
+        order: list[str] = []
+
+        async def one(claim: str, tenant: str) -> None:
+            admission = await state.admit(_ask(claim, tenant, cost=1000))
+            assert admission.admitted
+            order.append(tenant)
+
+        tasks = []
+        for i in range(10):
+            for tenant in ("frugal", "hungry"):
+                tasks.append(asyncio.create_task(one(f"{tenant}{i}", tenant)))
+                await asyncio.sleep(0)
+        state.finish("hold", None)
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+            running = [c for c, claim in state.claims.items() if claim.admission]
+            (claim_id,) = running
+            tenant = state.claims[claim_id].request.tenant
+            state.finish(claim_id, _usage(claim_id, tenant, "shared", used[tenant] // 2,
+                                          used[tenant] - used[tenant] // 2))
+        await asyncio.gather(*tasks)
+        served = state.snapshot().pools["m"].served_tokens
+        assert served == {"frugal": 10 * 10, "hungry": 10 * 1000}
+        return order
+
+    order = _run(main())
+    first = order[:10]
+    assert first.count("frugal") >= 8, order
+
+
+def test_a_caller_that_gave_up_never_leaks_its_seat() -> None:
+    async def main() -> None:
+        state = AdmissionState(_config(GLOBEX, shared=1))
+        assert (await state.admit(_ask("first", "globex"))).admitted
+        queued = asyncio.create_task(state.admit(_ask("late", "globex")))
         await asyncio.sleep(0.01)
-        task.cancel()
+        state.finish("late", None)  # the client disconnected while it waited
         with pytest.raises(asyncio.CancelledError):
-            await task
-        assert d.depth == 0
-        d.release()
-        assert d.in_use == 0
-
-    _run(main())
-
-
-def test_admission_state_dedicated_saturation_and_usage() -> None:
-    state = AdmissionState({"m": 2}, {"acme": 1}, 16)
-    assert state.try_dedicated("acme", "t1") and not state.try_dedicated("acme", "t2")
-    ticket = "t1"
-    usage = {
-        "tenant": "acme",
-        "model": "m",
-        "tier": "dedicated",
-        "spill": False,
-        "prompt_tokens": 5,
-        "cached_tokens": 0,
-        "completion_tokens": 3,
-    }
-    state.finish(ticket, None, 8, usage)
-    assert state.try_dedicated("acme", "t3")
-    (row,) = state.snapshot()["usage"]
-    assert row["requests"] == 1 and row["completion_tokens"] == 3
-
-
-def test_a_caller_that_gave_up_never_leaks_its_slot() -> None:
-    async def main() -> None:
-        state = AdmissionState({"m": 1}, {}, 16)
-        first = await state.acquire_shared("m", "a", 0, 1.0, 10, 5.0, "first")
-        assert first["ticket"] == "first"
-        queued = asyncio.create_task(state.acquire_shared("m", "b", 0, 1.0, 10, 5.0, "late"))
-        await asyncio.sleep(0.01)
-        state.finish("late", None, 0, None, granted=False)  # the client disconnected
-        state.finish("first", None, 0, None)  # the slot frees; "late" is granted...
-        assert (await queued)["ticket"] is None  # ...and released on arrival
+            await queued
+        assert state.pools["m"].depth == 0 and "late" not in state.claims
+        state.finish("first", None)
+        assert state.pools["m"].in_use == 0
+        # a finish that overtook its own admit: the admit is refused on arrival
+        state.finish("early", None)
+        refused = await state.admit(_ask("early", "globex"))
+        assert refused.refusal is not None and refused.refusal.reason == "abandoned"
         assert state.pools["m"].in_use == 0
 
     _run(main())
 
 
-def test_tickets_given_up_whose_grant_never_comes_are_forgotten() -> None:
-    """A wait that was cancelled or timed out never brings its grant: the abandoned mark
-    must not stay forever."""
-    import time
-
-    from deployments.tenancy.admission import ABANDONED_TTL_S
-
-    state = AdmissionState({"m": 1}, {}, 16)
-    state.finish("old", None, 0, None, granted=False)
-    state._abandoned["old"] -= ABANDONED_TTL_S + 1  # as if given up long ago
-    state.finish("new", None, 0, None, granted=False)
-    assert set(state._abandoned) == {"new"}
-    assert state._abandoned["new"] <= time.monotonic()
-
-
-def test_seats_of_an_ingress_replica_that_stopped_reporting_come_back() -> None:
-    """A crashed ingress replica never releases its requests' seats; once it has been
-    silent for OWNER_TTL_S, they go back to their pools, and a live replica's stay."""
-    import time
-
-    from deployments.tenancy.admission import OWNER_TTL_S
+def test_every_claim_of_a_silent_ingress_comes_back_within_owner_ttl() -> None:
+    """Seats, concurrency slots and TPM reservations alike (the rate limiter's own 900 s
+    TTL is only a backstop)."""
+    limited = TenantPolicy("limited", tpm=100, max_concurrency=1)
 
     async def main() -> None:
-        state = AdmissionState({"m": 2}, {"acme": 1}, 16)
+        state = AdmissionState(_config(limited, ACME))
         now = time.monotonic()
-        assert state.try_dedicated("acme", "d1", owner="gone")
-        assert (await state.acquire_shared("m", "a", 0, 1.0, 1, 5.0, "s1", "gone"))["ticket"]
-        assert (await state.acquire_shared("m", "b", 0, 1.0, 1, 5.0, "s2", "alive"))["ticket"]
-        assert state.ingress_heartbeat("alive", now + OWNER_TTL_S / 2) == 0
-        assert state.pools["m"].in_use == 2 and state.dedicated_in_use["acme"] == 1
-        assert state.ingress_heartbeat("alive", now + OWNER_TTL_S + 1) == 2
-        assert state.pools["m"].in_use == 1 and state.dedicated_in_use["acme"] == 0
-        state.finish("s2", None, 0, None)  # the live replica's request ends as usual
-        assert state.pools["m"].in_use == 0
+        assert (await state.admit(_ask("l1", "limited", cost=80, owner="gone"))).admitted
+        assert (await state.admit(_ask("d1", "acme", owner="gone"))).tier == "dedicated"
+        assert (await state.admit(_ask("d2", "acme", owner="alive"))).tier == "shared"
+        blocked = await state.admit(_ask("l2", "limited", owner="alive"))
+        assert blocked.refusal is not None and blocked.refusal.reason == "concurrency"
+        assert state.ingress_heartbeat("alive", [], now + OWNER_TTL_S / 2).reclaimed == 0
+        assert state.ingress_heartbeat("alive", [], now + OWNER_TTL_S + 1).reclaimed == 2
+        assert state.dedicated["acme"].in_use == 0 and state.pools["m"].in_use == 1
+        again = await state.admit(_ask("l3", "limited", cost=90, owner="alive"))
+        assert again.admitted and again.limits.remaining_tokens == 10  # 80 came back
+        state.finish("d2", None)  # the live replica's request ends as usual
+        assert state.pools["m"].in_use == 1
+
+    _run(main())
+
+
+def test_a_restarted_actor_counts_the_claims_ingresses_still_hold() -> None:
+    single = TenantPolicy("single", max_concurrency=1, rpm=5)
+
+    async def main() -> None:
+        config = _config(ACME, single)
+        before = AdmissionState(config)
+        held = []
+        for ask in (_ask("d1", "acme"), _ask("s1", "acme"), _ask("c1", "single")):
+            held.append(HeldClaim(ask, await before.admit(ask), time.time() - 5))
+        after = AdmissionState(config)  # what Ray restarts: the creation config, no state
+        assert after.ingress_heartbeat("i1", held).restored == 3
+        assert after.ingress_heartbeat("i1", held).restored == 0  # idempotent
+        assert after.dedicated["acme"].in_use == 1 and after.pools["m"].in_use == 2
+        refused = await after.admit(_ask("c2", "single"))
+        assert refused.refusal is not None and refused.refusal.reason == "concurrency"
+        after.finish("c1", None)
+        assert (await after.admit(_ask("c3", "single"))).limits.remaining_requests == 3
+        after.finish("d1", None)
+        after.finish("s1", None)
+        assert after.dedicated["acme"].in_use == 0 and after.pools["m"].in_use == 1
+        assert after.ingress_heartbeat("i1", held).restored == 0  # finished: never revived
+
+    _run(main())
+
+
+def test_a_new_config_applies_in_place_and_an_older_one_is_ignored() -> None:
+    async def main() -> None:
+        state = AdmissionState(_config(TenantPolicy("t", rpm=5), shared=4, version=1.0))
+        for i in range(3):
+            assert (await state.admit(_ask(f"c{i}", "t"))).admitted
+        assert state.configure(_config(TenantPolicy("t", rpm=3), shared=4, version=2.0)) == 2.0
+        refused = await state.admit(_ask("c3", "t"))
+        assert refused.refusal is not None and refused.refusal.reason == "rpm"  # window kept
+        assert state.configure(_config(TenantPolicy("t", rpm=50), version=1.5)) == 2.0
+        assert not (await state.admit(_ask("c4", "t"))).admitted
+        assert state.pools["m"].in_use == 3  # the granted seats were kept too
 
     _run(main())
 
 
 def test_capacity_follows_replica_heartbeats() -> None:
-    from deployments.tenancy.admission import HEARTBEAT_TTL_S
-
-    state = AdmissionState({"m": 16}, {"acme": 4}, 16)
+    state = AdmissionState(_config(ACME, shared=16, dedicated=4))
+    t0 = time.monotonic() - HEARTBEAT_TTL_S - 5
     assert state.pools["m"].capacity == 16  # configured until replicas report
-    state.replica_heartbeat("m", "r1", 16, now=0.0)
-    signals = state.replica_heartbeat("m", "r2", 16, now=1.0)  # autoscaling added one
+    state.replica_heartbeat("m", "r1", 16, now=t0)
+    signals = state.replica_heartbeat("m", "r2", 16, now=t0 + 1)  # autoscaling added one
     assert state.pools["m"].capacity == 32 and signals["dispatcher_queue_depth"] == 0.0
-    state.replica_heartbeat("m", "r2", 16, now=HEARTBEAT_TTL_S + 5)  # r1 went away
+    state.replica_heartbeat("m", "r2", 16, now=t0 + HEARTBEAT_TTL_S + 5)  # r1 went away
     assert state.pools["m"].capacity == 16
-    state.replica_heartbeat("dedicated:acme", "d1", 4, now=0.0)
-    state.replica_heartbeat("dedicated:acme", "d2", 4, now=0.0)
-    assert state.dedicated_capacity["acme"] == 8
+    state.replica_heartbeat("dedicated:acme", "d1", 4, now=t0 + HEARTBEAT_TTL_S + 5)
+    state.replica_heartbeat("dedicated:acme", "d2", 4, now=t0 + HEARTBEAT_TTL_S + 5)
+    assert state.dedicated["acme"].capacity == 8
+    # a config change keeps what the replicas reported
+    state.configure(replace(state.config, version=state.config.version + 1))
+    assert state.dedicated["acme"].capacity == 8
 
 
 def test_dedicated_reservation_is_the_autoscaling_floor() -> None:
-    from deployments.app import dedicated_replica
-    from deployments.config.tenants import DedicatedSpec
-
     fixed = dedicated_replica(DedicatedSpec(model="m", reserved_replicas=2, max_replicas=2))
     assert fixed.num_replicas == 2 and fixed.autoscaling is None
     burst = dedicated_replica(DedicatedSpec(model="m", reserved_replicas=2, max_replicas=5))
+    assert burst.autoscaling is not None
     assert burst.autoscaling.min_replicas == 2 and burst.autoscaling.max_replicas == 5

@@ -15,6 +15,7 @@ from deployments.config.tiered import TieredConfig, parse_config
 from deployments.observability.generate import artifacts
 from deployments.render import render_serve_config
 from deployments.replicas.capacity import reservation_problems
+from deployments.tenancy.keys import ENV_KEYS_FILE, hash_key, load_key_rings
 
 CHART = Path(__file__).resolve().parent.parent / "helm" / "tiered"
 GPU_VALUES = yaml.safe_load((CHART / "values-gpu.yaml").read_text())
@@ -167,10 +168,24 @@ def test_schema_rejects_bad_values(values: dict, message: str) -> None:
         render(values)
 
 
-def test_keys_secret_or_existing_secret() -> None:
-    docs = render({"apiKeys": {"keys": {"acme": ["sha256:" + "0" * 64]}}})
-    secret = one(docs, "Secret")
-    assert yaml.safe_load(secret["stringData"]["keys.yaml"]) == {"acme": ["sha256:" + "0" * 64]}
+def test_keys_secret_or_existing_secret(tmp_path: Path) -> None:
+    """The chart-made Secret is a key file the app reads: tenant keys by tenant, admin keys
+    apart, so a tenant named "admin" stays a tenant."""
+    tenant, admin = hash_key("tk-tenant"), hash_key("tk-admin")
+    docs = render({"apiKeys": {"tenants": {"admin": [tenant]}, "admin": [admin]}})
+    text = one(docs, "Secret")["stringData"]["keys.yaml"]
+    assert yaml.safe_load(text) == {"tenants": {"admin": [tenant]}, "admin": [admin]}
+    (tmp_path / "keys.yaml").write_text(text)
+    config = TieredConfig.model_validate(
+        {"models": [{"name": "m", "path": "default:tiny"}], "tenants": [{"name": "admin"}]}
+    )
+    rings = load_key_rings(config, {ENV_KEYS_FILE: str(tmp_path / "keys.yaml")})
+    assert rings.tenants.tenant_for("tk-tenant") == "admin"
+    assert rings.admin.tenant_for("tk-tenant") is None and rings.admin.tenant_for("tk-admin")
+    empty = yaml.safe_load(one(render(), "Secret")["stringData"]["keys.yaml"])
+    assert empty == {"tenants": {}, "admin": []}
+    with pytest.raises(helm.HelmValuesError, match="keys"):  # the old flat form, refused
+        render({"apiKeys": {"keys": {"acme": [tenant]}}})
     docs = render({"apiKeys": {"existingSecret": "mine"}})
     assert not [d for d in docs if d["kind"] == "Secret"]
     head = one(docs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]

@@ -18,7 +18,7 @@ import ray
 from fastapi import FastAPI
 from ray import serve
 
-from deployments.api.claims import remote_outside_request
+from deployments.tenancy.client import remote_outside_request
 
 
 @ray.remote(num_cpus=0, max_concurrency=1)

@@ -1,49 +1,56 @@
-"""Usage per (tenant, model, tier): counters, spill, totals, bad input; one shared actor."""
+"""Usage per (tenant, model, tier): counters, spill apart, replays counted once, bad input."""
 
 from __future__ import annotations
 
-import uuid
+import itertools
+from typing import Any
 
 import pytest
 
-from deployments.tenancy.usage import UsageMeter, get_usage_meter
+from deployments.tenancy.types import UsageRecord
+from deployments.tenancy.usage import UsageMeter
+
+_ids = itertools.count()
 
 
-def _record(meter: UsageMeter, tenant: str, tier: str, spill: bool = False, **tokens: int) -> None:
+def _record(tenant: str, tier: Any, spill: bool = False, model: str = "m", **tokens: int):
     counts = {"prompt_tokens": 10, "cached_tokens": 4, "completion_tokens": 5, **tokens}
-    meter.record(tenant, "m", tier, spill=spill, **counts)
+    return UsageRecord(f"r{next(_ids)}", tenant, model, tier, spill, started_at=0.0,
+                       ended_at=1.0, **counts)
 
 
 def test_counters_per_tenant_model_and_tier_with_spill_apart() -> None:
     meter = UsageMeter()
-    _record(meter, "acme", "dedicated")
-    _record(meter, "acme", "dedicated", prompt_tokens=20, cached_tokens=0)
-    _record(meter, "acme", "shared", spill=True, completion_tokens=7)  # overflow
-    _record(meter, "globex", "shared")
-    meter.record(
-        "globex",
-        "other",
-        "shared",
-        spill=False,
-        prompt_tokens=1,
-        cached_tokens=0,
-        completion_tokens=1,
-    )
-    rows = {(r["tenant"], r["model"], r["service_tier"]): r for r in meter.snapshot()}
+    meter.record(_record("acme", "dedicated"))
+    meter.record(_record("acme", "dedicated", prompt_tokens=20, cached_tokens=0))
+    meter.record(_record("acme", "shared", spill=True, completion_tokens=7))  # overflow
+    meter.record(_record("globex", "shared"))
+    meter.record(_record("globex", "shared", model="other", prompt_tokens=1, cached_tokens=0))
+    rows = {(r.tenant, r.model, r.service_tier): r for r in meter.snapshot()}
     assert list(rows) == sorted(rows)
     dedicated = rows[("acme", "m", "dedicated")]
-    assert (dedicated["requests"], dedicated["prompt_tokens"], dedicated["cached_tokens"]) == (
-        2,
-        30,
-        4,
-    )
-    assert dedicated["completion_tokens"] == 10 and dedicated["spill_requests"] == 0
+    assert (dedicated.requests, dedicated.prompt_tokens, dedicated.cached_tokens) == (2, 30, 4)
+    assert dedicated.completion_tokens == 10 and dedicated.spill_requests == 0
     spilled = rows[("acme", "m", "shared")]
-    assert (spilled["spill_requests"], spilled["spill_tokens"]) == (1, 17)
-    assert rows[("globex", "m", "shared")]["spill_tokens"] == 0
-    totals = meter.totals()
-    assert totals["acme"]["requests"] == 3 and totals["acme"]["spill_tokens"] == 17
-    assert totals["globex"]["prompt_tokens"] == 11
+    assert (spilled.spill_requests, spilled.spill_tokens) == (1, 17)
+    assert rows[("globex", "m", "shared")].spill_tokens == 0
+    assert rows[("globex", "other", "shared")].prompt_tokens == 1
+
+
+def test_a_replayed_record_is_counted_once() -> None:
+    meter = UsageMeter()
+    record = _record("acme", "shared")
+    assert meter.record(record) and not meter.record(record)
+    (row,) = meter.snapshot()
+    assert row.requests == 1 and row.prompt_tokens == 10
+
+
+def test_snapshots_are_copies() -> None:
+    meter = UsageMeter()
+    meter.record(_record("acme", "shared"))
+    (before,) = meter.snapshot()
+    meter.record(_record("acme", "shared"))
+    assert before.requests == 1 and meter.snapshot()[0].requests == 2
 
 
 @pytest.mark.parametrize(
@@ -58,43 +65,5 @@ def test_counters_per_tenant_model_and_tier_with_spill_apart() -> None:
 def test_impossible_records_are_refused(tier: str, spill: bool, tokens: dict) -> None:
     meter = UsageMeter()
     with pytest.raises(ValueError):
-        _record(meter, "acme", tier, spill, **tokens)
+        meter.record(_record("acme", tier, spill, **tokens))
     assert meter.snapshot() == []
-
-
-def test_one_meter_actor_collects_from_two_callers(local_ray) -> None:  # type: ignore[no-untyped-def]
-    ray = local_ray
-    name = f"usage-{uuid.uuid4().hex[:8]}"
-
-    @ray.remote(num_cpus=0)
-    def ingress_replica(name: str, tenant: str, n: int) -> None:
-        meter = get_usage_meter(name, namespace="tiered-test")
-        usage = {
-            "tenant": tenant,
-            "model": "m",
-            "tier": "shared",
-            "spill": False,
-            "prompt_tokens": 3,
-            "cached_tokens": 1,
-            "completion_tokens": 2,
-        }
-        ray.get([meter.record.remote(usage) for _ in range(n)])
-
-    meter = get_usage_meter(name, namespace="tiered-test")  # the driver owns it
-    ray.get([ingress_replica.remote(name, "acme", 5), ingress_replica.remote(name, "acme", 7)])
-    (row,) = ray.get(meter.snapshot.remote())
-    assert (row["requests"], row["prompt_tokens"], row["completion_tokens"]) == (12, 36, 24)
-    bad = {
-        "tenant": "acme",
-        "model": "m",
-        "tier": "gold",
-        "spill": False,
-        "prompt_tokens": 1,
-        "cached_tokens": 0,
-        "completion_tokens": 1,
-    }
-    with pytest.raises(ray.exceptions.RayTaskError) as err:
-        ray.get(meter.record.remote(bad))
-    assert isinstance(err.value.cause, ValueError)
-    assert len(ray.get(meter.snapshot.remote())) == 1
-    ray.kill(meter)

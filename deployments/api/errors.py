@@ -1,14 +1,14 @@
 """OpenAI's error format for every failure: {"error": {message, type, param, code}}.
 
 Every path a client can trigger maps to a 4xx (or a 503 while the engine is unavailable)
-here; only a bug reaches the 500 handler. The body-size limit lives here too, because a
-413 must be answered before the body is read, in the same JSON shape.
+here; only a bug reaches the 500 handler. 5xx bodies are fixed sentences: the exception
+text (Ray reprs, paths, rank names) goes to the server log only. The body-size limit lives
+here too, because a 413 must be answered before the body is read, in the same JSON shape.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -28,8 +29,10 @@ from models.errors import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 1_048_576
 UNAVAILABLE_RETRY_S = 1
+DEAD_MESSAGE = "The model is temporarily unavailable; retry shortly."
+OVERLOADED_MESSAGE = "The model server is overloaded; retry shortly."
+SERVER_ERROR_MESSAGE = "The server had an error processing your request."
 
 _TYPES = {
     400: "invalid_request_error",
@@ -46,6 +49,11 @@ _TYPES = {
 # Names pydantic puts in an error location for union members ("str", "list[str]",
 # "TextPart"); they are not request fields, so the param a client sees leaves them out.
 _SCALAR_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "null"})
+
+# Body limits by app title, per process. Not on app.state: @serve.ingress(app) serves a
+# cloudpickled copy of the app made at import, so the ingress constructor, which knows the
+# config, can only reach the module's original; the copy keeps the title and reads here.
+_BODY_LIMITS: dict[str, int] = {}
 
 
 class OpenAIError(Exception):
@@ -82,24 +90,6 @@ class OpenAIError(Exception):
         )
 
 
-def rate_limited(decision: dict, what: str) -> OpenAIError:
-    """A 429 in OpenAI's shape, with Retry-After and the rate-limit headers."""
-    retry = max(1, math.ceil(decision.get("retry_after_s", 1.0)))
-    headers = {
-        **decision.get("headers", {}),
-        "retry-after": str(retry),
-        "retry-after-ms": str(int(decision.get("retry_after_s", 1.0) * 1000)),
-    }
-    reason = decision.get("reason", "rate_limit")
-    return OpenAIError(429, what, code=f"rate_limit_exceeded:{reason}", headers=headers)
-
-
-def bearer_token(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
 def unavailable(message: str, code: str = "model_unavailable") -> OpenAIError:
     """A 503 that tells the client when to come back."""
     retry = {"retry-after": str(UNAVAILABLE_RETRY_S), "retry-after-ms": "1000"}
@@ -107,7 +97,12 @@ def unavailable(message: str, code: str = "model_unavailable") -> OpenAIError:
 
 
 def from_engine_error(exc: BaseException) -> OpenAIError | None:
-    """Map a typed engine error (possibly wrapped by Ray) to its OpenAI error."""
+    """Map a typed engine error (possibly wrapped by Ray) to its OpenAI error.
+
+    400s carry the engine's message, which is written for the client. 503s carry a fixed
+    sentence: an engine failure's text is internal, so it is logged here (once per call,
+    at warning) and never sent.
+    """
     cause: BaseException | None = exc
     for _ in range(4):  # Ray wraps user exceptions; walk to the typed one
         if cause is None:
@@ -115,7 +110,12 @@ def from_engine_error(exc: BaseException) -> OpenAIError | None:
         if isinstance(cause, ContextLengthExceededError | InvalidRequestError):
             return OpenAIError(400, cause.message, param=cause.param, code=cause.code)
         if isinstance(cause, EngineOverloadedError | EngineDeadError):
-            return unavailable(str(cause) or type(cause).__name__)
+            log.warning("engine unavailable, answering 503: %s: %s", type(cause).__name__, cause)
+            overloaded = isinstance(cause, EngineOverloadedError)
+            return unavailable(OVERLOADED_MESSAGE if overloaded else DEAD_MESSAGE)
+        if isinstance(cause, RayActorError):  # the replica itself died under the request
+            log.warning("model-server replica gone, answering 503: %s", type(cause).__name__)
+            return unavailable(DEAD_MESSAGE)
         cause = getattr(cause, "cause", None) or cause.__cause__
     return None
 
@@ -166,21 +166,47 @@ def from_validation_error(exc: ValidationError | RequestValidationError) -> Open
     return from_validation_errors(exc.errors())
 
 
-class BodySizeLimit:
-    """Pure ASGI middleware: 413 for bodies over `app.state.max_body_bytes`.
+def set_body_limit(app: FastAPI, max_body_bytes: int) -> None:
+    """Set the request-body cap of `app` and of every copy of it in this process.
 
-    The limit is read per request, so the ingress can set it from its config after the
-    module-level app was built. Bodies without Content-Length are counted as they arrive
-    and replayed to the app once known to fit.
+    The only source of the limit: the ingress calls it from its config in __init__, after
+    the module-level app was built. Until it is called every request gets a 500. Keyed by
+    the app's title, so apps sharing a process need distinct titles.
+    """
+    key = getattr(app.state, "body_limit_key", None)
+    if key is None:
+        raise RuntimeError("call install_error_handlers(app) before set_body_limit")
+    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int):
+        raise ValueError(f"max_body_bytes must be an int, not {max_body_bytes!r}")
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be positive, not {max_body_bytes}")
+    _BODY_LIMITS[key] = max_body_bytes
+
+
+class BodySizeLimit:
+    """Pure ASGI middleware: 413 for bodies over the limit `set_body_limit` gave `key`.
+
+    The limit is read per request, so it can be set after the app was built (and pickled).
+    With no limit set it refuses every request (500) instead of guessing one: a default
+    silently capped larger configured limits, and no limit at all is unbounded memory.
+    Bodies without Content-Length are counted as they arrive and replayed to the app once
+    known to fit.
     """
 
-    def __init__(self, app: ASGIApp, owner: FastAPI) -> None:
-        self.app, self.owner = app, owner
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app, self.key = app, key
+        self._warned = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        limit = getattr(self.owner.state, "max_body_bytes", None)
-        if scope["type"] != "http" or limit is None:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        limit = _BODY_LIMITS.get(self.key)
+        if limit is None:
+            if not self._warned:
+                self._warned = True
+                log.error("no request-body limit for app %r: call set_body_limit", self.key)
+            await _send_error(OpenAIError(500, SERVER_ERROR_MESSAGE), scope, send)
             return
         length = dict(scope.get("headers") or ()).get(b"content-length")
         if length is not None:
@@ -222,15 +248,11 @@ async def _send_error(error: OpenAIError, scope: Scope, send: Send) -> None:
     await error.response()(scope, no_body, send)
 
 
-def install_error_handlers(
-    app: FastAPI, max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES
-) -> None:
-    """Answer every error of `app` in OpenAI's format; cap request bodies.
-
-    Change the cap later with `app.state.max_body_bytes = n` (None turns it off).
-    """
-    app.state.max_body_bytes = max_body_bytes
-    app.add_middleware(BodySizeLimit, owner=app)
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every error of `app` in OpenAI's format; install the body-size middleware,
+    whose limit `set_body_limit` must then set (no default: it comes from the config)."""
+    app.state.body_limit_key = app.title
+    app.add_middleware(BodySizeLimit, key=app.title)
 
     @app.exception_handler(OpenAIError)
     async def _openai(_: Request, exc: OpenAIError) -> JSONResponse:
@@ -263,5 +285,5 @@ def install_error_handlers(
         if type(exc).__name__ in ("TaskCancelledError", "CancelledError"):
             # The client went away and Serve cancelled the request; nobody reads this.
             return OpenAIError(499, "request cancelled", code="client_closed").response()
-        log.exception("unhandled error")
-        return OpenAIError(500, "The server had an error processing your request.").response()
+        log.exception("unhandled error")  # the text stays here; the client gets a sentence
+        return OpenAIError(500, SERVER_ERROR_MESSAGE).response()

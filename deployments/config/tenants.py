@@ -6,6 +6,8 @@ section fails `tiered serve` with the field named instead of denying traffic lat
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -14,17 +16,56 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    TypeAdapter,
+    ValidationError,
     model_validator,
 )
 
 from deployments.config.models import ReplicaSpec
 
-HASH_PATTERN = r"^sha256:[0-9a-fA-F]{64}$"  # stored lowercased
-# A stored API key: "sha256:" + 64 lowercase hex digits (see deployments.keys.hash_key).
-KeyHash = Annotated[
-    str, StringConstraints(strip_whitespace=True, to_lower=True, pattern=HASH_PATTERN)
-]
+HASH_PREFIX = "sha256:"
+# A stored API key: "sha256:" + 64 hex digits, kept lowercased (see tenancy.keys.hash_key).
+HASH_RE = re.compile(r"sha256:[0-9a-f]{64}")
 TENANT_NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+TenantName = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=TENANT_NAME_PATTERN)
+]
+_TENANT_NAME = TypeAdapter(TenantName)
+
+
+def is_tenant_name(name: str) -> bool:
+    """TenantSpec.name's own check, for tools outside pydantic (`tiered keys new`)."""
+    try:
+        _TENANT_NAME.validate_python(name)
+    except ValidationError:
+        return False
+    return True
+
+
+def key_hash(value: str) -> str:
+    """A well-formed stored hash, lowercased; else ValueError. The value is never echoed:
+    a plaintext key pasted where a hash belongs must not end up in logs."""
+    text = value.strip().lower()
+    if not HASH_RE.fullmatch(text):
+        raise ValueError(
+            "not a key hash: expected 'sha256:' and 64 hex digits (`tiered keys new` prints one)"
+        )
+    return text
+
+
+KeyHash = Annotated[str, AfterValidator(key_hash)]
+
+
+def check_unique_keys(entries: Iterable[tuple[str, str]]) -> None:
+    """(where, hash) pairs from every source: a hash listed twice is refused naming both
+    places, since one key must grant exactly one identity (tenant or admin)."""
+    first: dict[str, str] = {}
+    for where, digest in entries:
+        if digest in first:
+            raise ValueError(
+                f"{where}: the same key as {first[digest]}; a key may be listed only once"
+            )
+        first[digest] = where
 
 
 class DedicatedSpec(BaseModel):
@@ -51,7 +92,7 @@ class DedicatedSpec(BaseModel):
 class TenantSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=64, pattern=TENANT_NAME_PATTERN)
+    name: TenantName
     tier: Literal["shared", "dedicated"] = "shared"
     api_key_hashes: list[KeyHash] = []
     priority: int = Field(0, description="Band in the shared pool; higher goes first.")
@@ -79,34 +120,28 @@ class TenantSpec(BaseModel):
         return not self.models or model in self.models
 
 
+def tenant_key_places(tenants: Iterable[TenantSpec]) -> list[tuple[str, str]]:
+    """(where, hash) for every tenant key in the YAML, `where` naming field and tenant."""
+    return [
+        (f"tenants[{i}].api_key_hashes[{j}] (tenant {t.name!r})", digest)
+        for i, t in enumerate(tenants)
+        for j, digest in enumerate(t.api_key_hashes)
+    ]
+
+
 def check_tenants(tenants: list[TenantSpec]) -> list[TenantSpec]:
-    """Names unique; no key hash shared by two tenants (it would authenticate as either)."""
-    seen: dict[str, str] = {}
+    """Names unique; no key hash listed twice (under two tenants it would authenticate as
+    either, and the last one would win)."""
     names = [t.name for t in tenants]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"duplicate tenant names: {duplicates}")
-    for tenant in tenants:
-        for digest in tenant.api_key_hashes:
-            owner = seen.setdefault(digest, tenant.name)
-            if owner != tenant.name:
-                raise ValueError(
-                    f"key hash {digest[:19]}... is listed for {owner!r} and {tenant.name!r}"
-                )
+    check_unique_keys(tenant_key_places(tenants))
     return tenants
 
 
 # `tenants: Tenants = []` in a config model applies check_tenants at load time.
 Tenants = Annotated[list[TenantSpec], AfterValidator(check_tenants)]
-
-
-class AdminSpec(BaseModel):
-    """Who may read GET /admin/usage, and which keys no longer authenticate anyone."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    key_hashes: list[KeyHash] = []
-    revoked_key_hashes: list[KeyHash] = []
 
 
 class DispatchSpec(BaseModel):

@@ -16,7 +16,15 @@ from deployments.config.models import (
     validate_against_checkpoint,
     validate_against_cluster,
 )
-from deployments.config.tenants import DispatchSpec, IngressSpec, TenantSpec
+from deployments.config.tenants import (
+    DispatchSpec,
+    IngressSpec,
+    KeyHash,
+    Tenants,
+    TenantSpec,
+    check_unique_keys,
+    tenant_key_places,
+)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "cluster" / "serve-default.yaml"
 
@@ -41,12 +49,19 @@ class NodeTypeSpec(BaseModel):
 
 
 class TieredConfig(BaseModel):
+    """The whole YAML. Key lists are typed KeyHash and tenants go through check_tenants so
+    that a malformed or doubly listed hash fails at load rather than becoming a key."""
+
     model_config = ConfigDict(extra="forbid")
 
     models: list[ModelSpec] = Field(min_length=1)
-    tenants: list[TenantSpec] = []
-    admin_key_hashes: list[str] = []
-    revoked_key_hashes: list[str] = []
+    tenants: Tenants = []
+    admin_key_hashes: list[KeyHash] = Field(
+        [], description="Keys for GET /admin/usage; no tenant may share one."
+    )
+    revoked_key_hashes: list[KeyHash] = Field(
+        [], description="Keys that authenticate no one, tenant or admin, wherever listed."
+    )
     dispatch: DispatchSpec = DispatchSpec()
     ingress: IngressSpec = IngressSpec()
     node_types: dict[str, NodeTypeSpec] = Field(
@@ -58,9 +73,7 @@ class TieredConfig(BaseModel):
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"models: duplicate names in {names}")
-        tenants = [t.name for t in self.tenants]
-        if len(set(tenants)) != len(tenants):
-            raise ValueError(f"tenants: duplicate names in {tenants}")
+        check_unique_keys(self.key_places())
         for i, tenant in enumerate(self.tenants):
             for model in tenant.models:
                 if model not in names:
@@ -70,6 +83,11 @@ class TieredConfig(BaseModel):
                     f"tenants[{i}].dedicated.model: unknown model {tenant.dedicated.model!r}"
                 )
         return self
+
+    def key_places(self) -> list[tuple[str, str]]:
+        """(where, hash) for every tenant and admin key in the YAML (revoked ones aside)."""
+        admin = [(f"admin_key_hashes[{i}]", h) for i, h in enumerate(self.admin_key_hashes)]
+        return tenant_key_places(self.tenants) + admin
 
     def replica_specs(self) -> Iterator[tuple[str, ModelSpec, ReplicaSpec, int]]:
         """(where, model, replica, floor) for every deployment the app will create; the
@@ -113,11 +131,30 @@ def load_config(path: str | Path | None = None, *, checkpoints: bool = True) -> 
     return parse_config(yaml.safe_load(path.read_text()), str(path), checkpoints=checkpoints)
 
 
+def _field(loc: tuple[int | str, ...]) -> str:
+    """('tenants', 1, 'api_key_hashes', 0) -> 'tenants[1].api_key_hashes[0]'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out
+
+
+def validation_message(exc: ValidationError) -> str:
+    """Pydantic's errors on one line, each naming its field; input values are left out,
+    since a plaintext key pasted where a hash belongs must not reach the logs."""
+    parts = []
+    for error in exc.errors():
+        where = _field(error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(message if not where or message.startswith(where) else f"{where}: {message}")
+    return "; ".join(parts)
+
+
 def parse_config(data: dict, source: str = "config", *, checkpoints: bool = True) -> TieredConfig:
     try:
         config = TieredConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {exc}") from exc
+        raise ConfigError(f"{source}: {validation_message(exc)}") from None
     config.validate_node_types()
     if checkpoints:
         config.validate_checkpoints()

@@ -18,11 +18,13 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, TypeVar
 
 import ray
 from ray import serve
+from ray.actor import ActorHandle
+from ray.exceptions import RayActorError
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -32,16 +34,15 @@ from deployments.config.models import (
     validate_against_checkpoint,
     validate_against_cluster,
 )
+from deployments.config.plan import ADMISSION_NAMESPACE, admission_actor_name
 from deployments.config.resources import replica_bundles
 from deployments.observability.replicas import ReplicaExporter
 from deployments.replicas.placement import replica_actor_options, worker_actor_options
+from deployments.replicas.requests import GenerateRequest, ServedOutput
 from deployments.replicas.tp_worker import TPWorker, rendezvous_address
-from deployments.tenancy.admission import ACTOR_NAMESPACE
 from models.async_engine import AsyncLLMEngine
 from models.default_model import resolve_model_path
 from models.errors import EngineDeadError
-from models.outputs import RequestOutput
-from models.sampling_params import SamplingParams
 from models.tp import ParallelContext, init_parallel
 
 log = logging.getLogger(__name__)
@@ -51,23 +52,16 @@ WORKER_NAMESPACE = "tiered-tp"
 T = TypeVar("T")
 
 
-@dataclass
-class ServedOutput:
-    """One engine step's output for a request, stamped with the replica that produced it."""
-
-    output: RequestOutput
-    replica_id: str
-
-
 class ModelServer:
     """A Serve replica wrapping AsyncLLMEngine over a TP group."""
 
     async def __init__(
-        self, model: dict, replica: dict, pool: str = "shared", admission: str | None = None
+        self, model: dict, replica: dict, pool: str = "shared", report: bool = False
     ) -> None:
         started = time.monotonic()
-        self.admission_name = admission
-        self._admission = None
+        # Report seats to the app's admission actor (not when deployed alone in tests).
+        self.report_to = serve.get_replica_context().app_name if report else None
+        self._admission: ActorHandle | None = None
         self._queue_signals: dict[str, float] = {}
         self.spec = ModelSpec.model_validate(model)
         self.replica = ReplicaSpec.model_validate(replica)
@@ -138,32 +132,32 @@ class ModelServer:
             f"tensor-parallel rank {runs.index(failed) + 1} exited while {what}: {cause!r}"
         ) from cause
 
-    async def generate(self, request: dict) -> AsyncIterator[ServedOutput]:
-        """Stream outputs for {request_id, prompt, params, priority, cache_salt}."""
-        params = SamplingParams(**request.get("params", {}))
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[ServedOutput]:
+        """Stream the engine's outputs for one admitted request."""
         async for out in self.engine.generate(
-            request["request_id"],
-            request["prompt"],
-            params,
-            priority=int(request.get("priority", 0)),
-            cache_salt=request.get("cache_salt"),
+            request.request_id,
+            request.prompt,
+            request.params,
+            priority=request.priority,
+            cache_salt=request.cache_salt,
         ):
             yield ServedOutput(out, self.replica_id)
 
     async def _heartbeat(self) -> None:
         """Tell the admission actor this replica's seats; learn its pool's queue depth."""
-        if not self.admission_name:
+        if self.report_to is None:
             return
         try:
             if self._admission is None:
-                self._admission = ray.get_actor(self.admission_name, namespace=ACTOR_NAMESPACE)
+                name = admission_actor_name(self.report_to)
+                self._admission = ray.get_actor(name, namespace=ADMISSION_NAMESPACE)
             self._queue_signals = await asyncio.wait_for(
                 self._admission.replica_heartbeat.remote(
                     self.pool, self.replica_id, self.spec.engine.max_num_seqs
                 ),
                 HEARTBEAT_TIMEOUT_S,
             )
-        except Exception:  # no ingress has created it yet, or it restarted: try next time
+        except (ValueError, RayActorError, TimeoutError):  # not made yet, or gone: retry
             self._admission = None
 
     async def check_health(self) -> None:
@@ -257,7 +251,7 @@ def model_server_deployment(
     replica: ReplicaSpec,
     name: str,
     pool: str = "shared",
-    admission: str | None = None,
+    report: bool = False,
     nodes: list[dict[str, float]] | None = None,
 ) -> serve.Application:
     """A bound Serve deployment of TP replicas of `spec`, one placement group each.
@@ -290,7 +284,7 @@ def model_server_deployment(
         graceful_shutdown_timeout_s=replica.drain_timeout_s,
         graceful_shutdown_wait_loop_s=0.5,
     )
-    return deployment.bind(spec.model_dump(), replica.model_dump(), pool, admission)
+    return deployment.bind(spec.model_dump(), replica.model_dump(), pool, report)
 
 
 model_server_app = model_server_deployment  # the name the app builder and benches use

@@ -1,189 +1,272 @@
-"""Admission state shared by every ingress replica: one named Ray actor.
+"""Admission, shared by every ingress replica: one `admit` and one `finish` per request.
 
-It holds the rate-limit windows, the usage meter, each dedicated deployment's free
-capacity (the spill decision) and the shared pools' fair dispatchers, so that limits and
-fairness hold across all ingress replicas rather than per replica.
+`admit` checks the tenant's rate limits, picks the tier (its dedicated copy; else spill to
+the shared pool, or refuse when it chose no spill) and waits in the shared pool's fair
+queue, all in one call. Whatever the request then holds (a rate-limit reservation, a seat)
+is one claim, named by the request's claim id. `finish` settles it on the tokens really
+used, which is what fair share and TPM count, and records the usage.
+
+Claims survive their holders failing:
+- an ingress replica that stops reporting for `OWNER_TTL_S` is gone, and all its claims
+  are settled (seats, concurrency slots and TPM reservations alike);
+- the actor itself restarts after death (state in memory is lost), and each ingress
+  re-registers the claims it still holds on its next heartbeat.
+
+`AdmissionState` is plain Python (tested without Ray); `AdmissionActor` is the instance.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import time
-from dataclasses import asdict
+from dataclasses import dataclass, field
 
-import ray
-
-from deployments.observability.admission import EXPORT_INTERVAL_S, AdmissionExporter, PoolFacts
-from deployments.tenancy.fair_queue import FairDispatcher, QueueFull, QueueTimeout
-from deployments.tenancy.rate_limits import Limits, RateLimitState
+from deployments.observability.admission import AdmissionExporter
+from deployments.tenancy.fair_queue import FairDispatcher, QueueFull, QueueTimeout, Ticket
+from deployments.tenancy.rate_limits import RateLimitState
+from deployments.tenancy.types import (
+    Admission,
+    AdmissionConfig,
+    AdmissionRequest,
+    AdmissionSnapshot,
+    HeartbeatReply,
+    HeldClaim,
+    PoolState,
+    RateLimitStatus,
+    Refusal,
+    RefusalReason,
+    TenantPolicy,
+    UsageRecord,
+)
 from deployments.tenancy.usage import UsageMeter
 
-ACTOR_NAME = "tiered-admission"
-ACTOR_NAMESPACE = "tiered"
-HEARTBEAT_TTL_S = 15.0  # a replica not heard from for this long no longer counts as capacity
-# A ticket given up before its grant, whose grant never came (the wait itself was
-# cancelled or timed out), is forgotten after this long.
-ABANDONED_TTL_S = 900.0
-# An ingress replica not heard from for this long is gone (crashed, replaced): the seats
-# its requests held go back to their pools. Ingress replicas report at each health check.
+HEARTBEAT_TTL_S = 15.0  # a model-server replica not heard from for this long is no capacity
+# An ingress replica not heard from for this long is gone (crashed, replaced): everything
+# its requests held is settled. Ingress replicas report at each health check.
 INGRESS_HEARTBEAT_S = 10.0
 OWNER_TTL_S = 6 * INGRESS_HEARTBEAT_S
+# A claim finished before its admit ran (the caller gave up first) is refused on arrival;
+# such ids, and recently finished ones (never re-registered), are kept this long.
+FORGET_AFTER_S = 2 * OWNER_TTL_S
 
 
-def admission_actor_name(config: dict) -> str:
-    """One admission actor per app config; the ingress and model servers derive the same."""
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-    return f"{ACTOR_NAME}-{digest}"
+@dataclass
+class Seats:
+    """A dedicated deployment's seats: replicas alive x max_num_seqs."""
+
+    capacity: int
+    in_use: int = 0
+
+
+@dataclass
+class Claim:
+    request: AdmissionRequest
+    reservation: int | None
+    admission: Admission | None = None  # None while it waits for a seat
+    ticket: Ticket | None = None  # a shared-pool seat
+    dedicated: bool = False  # a seat of the tenant's private copy
+    waiter: asyncio.Task | None = field(default=None, repr=False)
+
+
+def _current_task() -> asyncio.Task | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # called with no event loop running (plain-Python tests)
+        return None
 
 
 class AdmissionState:
     """Plain-Python core of the actor (unit-testable without Ray)."""
 
-    def __init__(
-        self,
-        pools: dict[str, int],
-        dedicated: dict[str, int],
-        max_queue_len: int,
-        facts: dict[str, PoolFacts] | None = None,
-    ) -> None:
-        self.exporter = AdmissionExporter(facts or {})
+    def __init__(self, config: AdmissionConfig) -> None:
+        self.config = AdmissionConfig(tenants={}, pools={}, version=-1.0)
         self.limits = RateLimitState()
         self.usage = UsageMeter()
-        self.pools = {name: FairDispatcher(cap, max_queue_len) for name, cap in pools.items()}
-        self.dedicated_capacity = dict(dedicated)
-        self.dedicated_in_use = dict.fromkeys(dedicated, 0)
-        self._held: dict[str, tuple[str, str]] = {}  # ticket -> ("pool"|"dedicated", name)
-        # Capacity follows the replicas that are alive: pool key -> replica -> (seats, seen).
-        self._configured = {**pools, **{f"dedicated:{t}": c for t, c in dedicated.items()}}
-        self._seats: dict[str, dict[str, tuple[int, float]]] = {}
-        # ticket -> when: finished by the caller before the grant arrived
-        self._abandoned: dict[str, float] = {}
-        self._owner_of: dict[str, str] = {}  # ticket -> the ingress replica holding it
+        self.pools: dict[str, FairDispatcher] = {}
+        self.dedicated: dict[str, Seats] = {}
+        self.claims: dict[str, Claim] = {}
+        self.exporter = AdmissionExporter({})
+        self._forgotten: dict[str, float] = {}  # claim id -> when it was finished
         self._owner_seen: dict[str, float] = {}  # ingress replica -> last heard from
+        self._seats: dict[str, dict[str, tuple[int, float]]] = {}  # pool -> replica -> seen
+        self.configure(config)
 
-    def reserve(self, tenant: str, tokens: int, limits: dict) -> dict:
-        return asdict(self.limits.reserve(tenant, tokens, Limits(**limits)))
+    # ---- configuration, applied in place ---------------------------------------------
+    def configure(self, config: AdmissionConfig) -> float:
+        """Adopt `config` unless a newer one is in force; returns the version in force.
 
-    def try_dedicated(self, tenant: str, ticket: str, owner: str | None = None) -> bool:
-        """Take a slot of the tenant's private deployment; False when it is saturated."""
-        if self.dedicated_in_use[tenant] >= self.dedicated_capacity[tenant]:
-            return False
-        self.dedicated_in_use[tenant] += 1
-        self._hold(ticket, ("dedicated", tenant), owner)
-        return self._keep_unless_abandoned(ticket)
+        Limits, weights and tiers change at once; windows, seats, claims and usage stay.
+        """
+        if config.version < self.config.version:
+            return self.config.version
+        self.config = config
+        for key, pool in config.pools.items():
+            live = self._live_seats(key)
+            if pool.tier == "shared":
+                if key not in self.pools:
+                    self.pools[key] = FairDispatcher(live or pool.seats, config.max_queue_len)
+                self.pools[key].max_queue_len = config.max_queue_len
+            else:
+                tenant = key.split(":", 1)[1]
+                seats = self.dedicated.setdefault(tenant, Seats(pool.seats))
+                seats.capacity = live or pool.seats
+        self.exporter.facts = dict(config.pools)
+        return config.version
 
-    async def acquire_shared(
-        self,
-        pool: str,
-        tenant: str,
-        band: int,
-        weight: float,
-        cost: int,
-        deadline_s: float,
-        ticket: str,
-        owner: str | None = None,
-    ) -> dict:
+    # ---- the two calls of a request ------------------------------------------------
+    async def admit(self, req: AdmissionRequest) -> Admission:
+        """Reserve against the tenant's limits, pick the tier, wait for a seat."""
+        now = time.monotonic()
+        if req.owner:
+            self._owner_seen[req.owner] = now
+        policy = self.config.tenants.get(req.tenant)
+        if policy is None:
+            return self._refused(req, "unknown_tenant", 1.0)
+        if req.claim_id in self._forgotten:  # finished by its caller before it got here
+            return self._refused(req, "abandoned", 0.0)
+        decision = self.limits.reserve(req.tenant, req.cost, policy, now)
+        if decision.refusal is not None:
+            return Admission(req.claim_id, decision.status, refusal=decision.refusal)
+        claim = Claim(req, decision.reservation_id)
+        self.claims[req.claim_id] = claim
         try:
-            granted = await self.pools[pool].acquire(tenant, band, weight, cost, deadline_s)
-            waited = granted.waited_s
-            self.exporter.observe_wait(pool, band, waited)
+            admission = await self._seat(claim, policy, decision.status)
+        except asyncio.CancelledError:
+            self._settle(req.claim_id, 0)
+            raise
+        if admission.admitted and req.claim_id in self.claims:
+            claim.admission = admission
+            return admission
+        self._settle(req.claim_id, 0)  # refused, or finished by its caller meanwhile
+        return admission if not admission.admitted else self._refused(req, "abandoned", 0.0)
+
+    def finish(self, claim_id: str, usage: UsageRecord | None = None) -> bool:
+        """Settle a claim on the tokens really used and record the usage. Idempotent: a
+        replayed finish records nothing twice. False when the claim was not held here."""
+        if usage is not None:
+            self.record(usage)
+        return self._settle(claim_id, usage.total_tokens if usage else 0)
+
+    def record(self, usage: UsageRecord) -> None:
+        """The one path usage takes to billing."""
+        self.usage.record(usage)
+
+    async def _seat(
+        self, claim: Claim, policy: TenantPolicy, limits: RateLimitStatus
+    ) -> Admission:
+        req = claim.request
+        spill = False
+        if policy.dedicated_model == req.model and req.prefer_dedicated:
+            seats = self.dedicated.get(req.tenant)
+            if seats is not None and seats.in_use < seats.capacity:
+                seats.in_use += 1
+                claim.dedicated = True
+                return Admission(req.claim_id, limits, "dedicated", False, policy.priority)
+            if not policy.spill:
+                return self._refused(req, "dedicated_saturated", 1.0, limits)
+            spill = True
+        dispatcher = self.pools.get(req.model)
+        if dispatcher is None:
+            return self._refused(req, "no_shared_pool", 1.0, limits)
+        band = 0 if spill else policy.priority  # spilled traffic runs at shared priority
+        claim.waiter = asyncio.current_task()
+        try:
+            ticket = await dispatcher.acquire(
+                req.tenant, band, policy.weight, req.cost, self.config.queue_deadline_s
+            )
         except QueueTimeout as exc:
-            self.exporter.observe_wait(pool, band, exc.waited_s)
-            return {"ticket": None, "reason": "queue_deadline", "retry_after_s": exc.retry_after_s}
-        except QueueFull:
-            return {"ticket": None, "reason": "queue_full", "retry_after_s": 1.0}
-        self._hold(ticket, ("pool", pool), owner)
-        if not self._keep_unless_abandoned(ticket):
-            return {"ticket": None, "reason": "abandoned", "retry_after_s": 0.0}
-        return {"ticket": ticket, "waited_s": waited}
+            self.exporter.observe_wait(req.model, band, exc.waited_s)
+            return self._refused(req, "queue_deadline", exc.retry_after_s, limits)
+        except QueueFull as exc:
+            return self._refused(req, "queue_full", exc.retry_after_s, limits)
+        finally:
+            claim.waiter = None
+        self.exporter.observe_wait(req.model, band, ticket.waited_s)
+        claim.ticket = ticket
+        return Admission(req.claim_id, limits, "shared", spill, band, ticket.waited_s)
 
-    def _hold(self, ticket: str, held: tuple[str, str], owner: str | None) -> None:
-        self._held[ticket] = held
-        if owner is not None:
-            self._owner_of[ticket] = owner
-            self._owner_seen[owner] = time.monotonic()
+    @staticmethod
+    def _refused(
+        req: AdmissionRequest,
+        reason: RefusalReason,
+        retry_after_s: float,
+        limits: RateLimitStatus | None = None,
+    ) -> Admission:
+        return Admission(
+            req.claim_id, limits or RateLimitStatus(), refusal=Refusal(reason, retry_after_s)
+        )
 
-    def ingress_heartbeat(self, owner: str, now: float | None = None) -> int:
-        """An ingress replica is alive; returns how many orphaned seats were reclaimed."""
+    def _settle(self, claim_id: str, actual_tokens: int) -> bool:
+        now = time.monotonic()
+        self._forgotten[claim_id] = now
+        for old in [c for c, at in self._forgotten.items() if now - at > FORGET_AFTER_S]:
+            del self._forgotten[old]
+        claim = self.claims.pop(claim_id, None)
+        if claim is None:
+            return False
+        self.limits.settle(claim.reservation, actual_tokens)
+        if claim.ticket is not None:
+            self.pools[claim.request.model].release(claim.ticket, actual_tokens)
+        if claim.dedicated:
+            seats = self.dedicated[claim.request.tenant]
+            seats.in_use = max(0, seats.in_use - 1)
+        if claim.waiter is not None and claim.waiter is not _current_task():
+            claim.waiter.cancel()  # its caller gave up: leave the queue now
+        return True
+
+    # ---- ingress replicas: liveness and re-registration -------------------------------
+    def ingress_heartbeat(
+        self, owner: str, held: list[HeldClaim], now: float | None = None
+    ) -> HeartbeatReply:
+        """An ingress replica is alive and holds `held`. Claims unknown here (the actor
+        restarted) are counted again; silent replicas' claims are settled."""
         now = time.monotonic() if now is None else now
         self._owner_seen[owner] = now
-        return self.reclaim_orphans(now)
+        restored = sum(self._restore(h, now) for h in held)
+        return HeartbeatReply(self.config.version, restored, self.reclaim_orphans(now))
+
+    def _restore(self, held: HeldClaim, now: float) -> bool:
+        req, admission = held.request, held.admission
+        if req.claim_id in self.claims or req.claim_id in self._forgotten:
+            return False
+        at = now - max(0.0, time.time() - held.admitted_at)
+        claim = Claim(req, self.limits.restore(req.tenant, req.cost, at, now), admission)
+        if admission.tier == "dedicated":
+            self.dedicated.setdefault(req.tenant, Seats(0)).in_use += 1
+            claim.dedicated = True
+        elif admission.tier == "shared" and req.model in self.pools:
+            policy = self.config.tenants.get(req.tenant) or TenantPolicy(req.tenant)
+            claim.ticket = self.pools[req.model].grant_now(
+                req.tenant, admission.band, policy.weight, req.cost
+            )
+        self.claims[req.claim_id] = claim
+        return True
 
     def reclaim_orphans(self, now: float | None = None) -> int:
-        """Release the seats of ingress replicas that stopped reporting (a crash or a
-        replacement ends their streams without a release)."""
+        """Settle every claim of ingress replicas that stopped reporting (a crash or a
+        replacement ends their requests without a finish)."""
         now = time.monotonic() if now is None else now
         gone = {o for o, seen in self._owner_seen.items() if now - seen > OWNER_TTL_S}
         if not gone:
             return 0
-        orphans = [t for t, o in self._owner_of.items() if o in gone]
-        for ticket in orphans:
-            self._release(ticket)
+        orphans = [c for c, claim in self.claims.items() if claim.request.owner in gone]
+        for claim_id in orphans:
+            self._settle(claim_id, 0)
         for owner in gone:
             del self._owner_seen[owner]
         return len(orphans)
 
-    def _keep_unless_abandoned(self, ticket: str) -> bool:
-        """A caller that gave up (client gone) already called finish: release at once."""
-        if self._abandoned.pop(ticket, None) is not None:
-            self._release(ticket)
-            return False
-        return True
-
-    def _abandon(self, ticket: str) -> None:
-        now = time.monotonic()
-        self._abandoned[ticket] = now
-        for old in [t for t, at in self._abandoned.items() if now - at > ABANDONED_TTL_S]:
-            del self._abandoned[old]
-
-    def _release(self, ticket: str) -> bool:
-        held = self._held.pop(ticket, None)
-        self._owner_of.pop(ticket, None)
-        if held is None:
-            return False
-        kind, name = held
-        if kind == "pool":
-            self.pools[name].release()
-        else:
-            self.dedicated_in_use[name] = max(0, self.dedicated_in_use[name] - 1)
-        return True
-
-    def finish(
-        self,
-        ticket: str | None,
-        reservation_id: int | None,
-        actual_tokens: int,
-        usage: dict | None,
-        granted: bool = True,
-    ) -> None:
-        """Release the slot, settle the tokens and meter the usage, in one call.
-
-        `granted=False` means the caller gave up while its slot request was in flight: if
-        the grant comes later, it is released on arrival.
-        """
-        if ticket is not None and not self._release(ticket) and not granted:
-            self._abandon(ticket)
-        if reservation_id is not None:
-            self.limits.settle(reservation_id, actual_tokens)
-        if usage:
-            self.usage.record(**usage)
-
+    # ---- model-server replicas: capacity follows the replicas alive -------------------
     def replica_heartbeat(
         self, pool_key: str, replica_id: str, seats: int, now: float | None = None
     ) -> dict[str, float]:
-        """A model-server replica is alive with `seats`; returns its pool's queue signals.
-
-        Pool keys are the model name (shared pool) or `dedicated:<tenant>`. Autoscaling
-        changes the replica count, and with it the seats the dispatcher hands out.
-        """
+        """A model-server replica is alive with `seats`; returns its pool's queue signals
+        (the autoscaling policy reads them). Autoscaling changes the replica count, and
+        with it the seats admission hands out."""
         now = time.monotonic() if now is None else now
-        replicas = self._seats.setdefault(pool_key, {})
-        replicas[replica_id] = (seats, now)
-        for rid in [r for r, (_, seen) in replicas.items() if now - seen > HEARTBEAT_TTL_S]:
-            del replicas[rid]
-        capacity = sum(s for s, _ in replicas.values()) or self._configured.get(pool_key, 0)
+        self._seats.setdefault(pool_key, {})[replica_id] = (seats, now)
+        planned = self.config.pools.get(pool_key)
+        capacity = self._live_seats(pool_key, now) or (planned.seats if planned else 0)
         if pool_key in self.pools:
             dispatcher = self.pools[pool_key]
             dispatcher.set_capacity(capacity)
@@ -192,10 +275,17 @@ class AdmissionState:
                 "dispatcher_queue_depth": float(dispatcher.depth),
                 "dispatcher_mean_wait_s": sum(recent) / len(recent) if recent else 0.0,
             }
-        tenant = pool_key.removeprefix("dedicated:")
-        if tenant in self.dedicated_capacity:
-            self.dedicated_capacity[tenant] = capacity
+        tenant = pool_key.split(":", 1)[-1]
+        if tenant in self.dedicated:
+            self.dedicated[tenant].capacity = capacity
         return {"dispatcher_queue_depth": 0.0, "dispatcher_mean_wait_s": 0.0}
+
+    def _live_seats(self, pool_key: str, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        replicas = self._seats.get(pool_key, {})
+        for rid in [r for r, (_, seen) in replicas.items() if now - seen > HEARTBEAT_TTL_S]:
+            del replicas[rid]
+        return sum(s for s, _ in replicas.values())
 
     def live_replicas(self, pool_key: str, now: float | None = None) -> int:
         """Replicas of a pool heard from within the heartbeat TTL."""
@@ -203,66 +293,16 @@ class AdmissionState:
         seen = self._seats.get(pool_key, {}).values()
         return sum(1 for _, at in seen if now - at <= HEARTBEAT_TTL_S)
 
-    def snapshot(self) -> dict:
-        return {
-            "usage": self.usage.snapshot(),
-            "pools": {
-                name: {
-                    "capacity": d.capacity,
-                    "in_use": d.in_use,
-                    "queued": d.depth,
-                    "served_tokens": dict(d.served_tokens),
-                }
+    def snapshot(self) -> AdmissionSnapshot:
+        return AdmissionSnapshot(
+            usage=self.usage.snapshot(),
+            pools={
+                name: PoolState(
+                    d.capacity, d.in_use, d.depth, d.depth_by_band(), dict(d.served_tokens)
+                )
                 for name, d in self.pools.items()
             },
-            "dedicated": {
-                name: {"capacity": cap, "in_use": self.dedicated_in_use[name]}
-                for name, cap in self.dedicated_capacity.items()
+            dedicated={
+                name: PoolState(s.capacity, s.in_use) for name, s in self.dedicated.items()
             },
-        }
-
-
-@ray.remote(num_cpus=0, max_concurrency=10_000)
-class AdmissionActor(AdmissionState):
-    """The shared instance. Async actor: waiters in the fair queue cost no threads."""
-
-    _exporting: asyncio.Task | None = None
-
-    async def ping(self) -> bool:
-        await asyncio.sleep(0)
-        return True
-
-    async def replica_heartbeat(  # type: ignore[override]
-        self, pool_key: str, replica_id: str, seats: int, now: float | None = None
-    ) -> dict[str, float]:
-        self._start_exporting()
-        return super().replica_heartbeat(pool_key, replica_id, seats, now)
-
-    def _start_exporting(self) -> None:
-        """Begin the metrics loop on the actor's event loop (not available in __init__)."""
-        if self._exporting is None or self._exporting.done():
-            self._exporting = asyncio.get_running_loop().create_task(self._export_forever())
-
-    async def _export_forever(self) -> None:
-        while True:
-            self.exporter.export(self)
-            await asyncio.sleep(EXPORT_INTERVAL_S)
-
-
-def get_admission(  # type: ignore[no-untyped-def]
-    name: str,
-    pools: dict[str, int],
-    dedicated: dict[str, int],
-    max_queue_len: int,
-    facts: dict[str, PoolFacts] | None = None,
-):
-    """The one admission actor of an app (keyed by its config), made by the first ingress.
-
-    Detached, so that it outlives any one ingress replica; a new config gets a new actor.
-    """
-    return AdmissionActor.options(
-        name=name,
-        namespace=ACTOR_NAMESPACE,
-        get_if_exists=True,
-        lifetime="detached",
-    ).remote(pools, dedicated, max_queue_len, facts)
+        )

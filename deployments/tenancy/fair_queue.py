@@ -196,9 +196,7 @@ class FairDispatcher:
             raise ValueError(f"weight must be > 0 and cost >= 0, got {weight}, {cost}")
         state = self._bands.setdefault(band, _Band())
         if self.in_use < self.capacity and self.depth == 0:
-            start = max(state.clock, state.finish.get(tenant, 0.0))
-            state.charge(tenant, start, start + cost / weight)
-            return self._ticket(tenant, band, weight, cost, waited=0.0)
+            return self.grant_now(tenant, band, weight, cost)
         depth = self.depth
         if depth >= self.max_queue_len:
             raise QueueFull(f"{depth} requests already queued", self.retry_after_estimate())
@@ -227,6 +225,14 @@ class FairDispatcher:
                 self._remove(waiter)
                 state.cancelled += 1
             raise
+
+    def grant_now(self, tenant: str, band: int, weight: float, cost: int) -> Ticket:
+        """A slot taken at once, over capacity if need be: a seat that is already in use
+        (re-registered after the admission actor restarted) must be counted, not queued."""
+        state = self._bands.setdefault(band, _Band())
+        start = max(state.clock, state.finish.get(tenant, 0.0))
+        state.charge(tenant, start, start + cost / weight)
+        return self._ticket(tenant, band, weight, cost, waited=0.0)
 
     def release(self, ticket: Ticket | None = None, actual_tokens: int | None = None) -> None:
         """Free a slot. With the ticket and the tokens really used, the tenant's clock is

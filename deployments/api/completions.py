@@ -1,0 +1,164 @@
+"""One completion from admission to the last byte: stream or body, usage, finish.
+
+The ingress hands over an admitted request; this module streams it from a model-server
+replica and, however the request ends (done, client gone, replica failed), calls the
+one `finish` with the usage the client received.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from fastapi.responses import JSONResponse, Response
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from deployments.api.claims import ClosingStreamingResponse
+from deployments.api.errors import OpenAIError, from_engine_error
+from deployments.api.responses import SSE_DONE, ResponseBuilder, sse
+from deployments.config.plan import Tier
+from deployments.observability.requests import RequestTimer
+from deployments.replicas.requests import GenerateRequest, ServedOutput
+from deployments.tenancy.types import UsageRecord, UsageStatus
+from models.outputs import Usage
+
+log = logging.getLogger(__name__)
+TIER_HEADER = "x-tiered-service-tier"
+REPLICA_HEADER = "x-tiered-replica"
+Finish = Callable[[UsageRecord | None], Awaitable[None]]
+
+
+@dataclass
+class Served:
+    """An admitted request on its way: who, where, and what it has used so far."""
+
+    job: GenerateRequest
+    tenant: str
+    model: str
+    tier: Tier
+    spill: bool
+    builder: ResponseBuilder
+    timer: RequestTimer
+    finish: Finish
+    started_at: float = field(default_factory=time.time)
+    usage: Usage = field(default_factory=Usage)
+    closed: bool = False
+
+    async def close(self, status: UsageStatus) -> None:
+        """Finish the claim once, with the usage the client received."""
+        if self.closed:
+            return
+        self.closed = True
+        self.timer.finish(self.usage)
+        record = None
+        if self.usage.prompt_tokens:
+            record = UsageRecord(
+                request_id=self.job.request_id,
+                tenant=self.tenant,
+                model=self.model,
+                tier=self.tier,
+                spill=self.spill,
+                prompt_tokens=self.usage.prompt_tokens,
+                cached_tokens=self.usage.cached_tokens,
+                completion_tokens=self.usage.completion_tokens,
+                started_at=self.started_at,
+                ended_at=time.time(),
+                status=status,
+            )
+        await self.finish(record)
+
+    def take(self, served: ServedOutput) -> None:
+        self.timer.output()
+        self.usage = self.builder.usage = served.output.usage
+
+
+async def respond(
+    served: Served,
+    handle: DeploymentHandle,
+    stream: bool,
+    include_usage: bool,
+    headers: dict[str, str],
+) -> Response:
+    """The first output decides the status (an engine error before it is the request's
+    error); then a body, or an SSE stream that closes the claim when it ends."""
+    outputs: DeploymentResponseGenerator = handle.options(stream=True).generate.remote(
+        served.job
+    )
+    try:
+        first: ServedOutput = await outputs.__anext__()
+    except BaseException as exc:
+        outputs.cancel()
+        await served.close("error")
+        mapped = from_engine_error(exc)
+        if mapped is None:
+            raise
+        raise mapped from None
+    headers = {**headers, TIER_HEADER: served.tier, REPLICA_HEADER: first.replica_id}
+    if stream:
+        body = _sse(served, first, outputs, include_usage)
+        return ClosingStreamingResponse(body, media_type="text/event-stream", headers=headers)
+    status: UsageStatus = "client_disconnect"
+    try:
+        out = first
+        while True:
+            served.take(out)
+            for delta in out.output.deltas:
+                served.builder.add(delta)
+            if out.output.finished:
+                break
+            out = await outputs.__anext__()
+        status = "ok"
+    except Exception as exc:
+        status = "error"
+        mapped = from_engine_error(exc)
+        if mapped is None:
+            raise
+        raise mapped from None
+    finally:
+        outputs.cancel()
+        await served.close(status)
+    return JSONResponse(served.builder.body(), headers=headers)
+
+
+async def _sse(
+    served: Served,
+    first: ServedOutput,
+    outputs: DeploymentResponseGenerator,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    builder = served.builder
+    started: set[int] = set()
+    offsets: dict[int, int] = {}
+    status: UsageStatus = "client_disconnect"
+    out = first
+    try:
+        while True:
+            served.take(out)
+            choices = []
+            for delta in out.output.deltas:
+                first_of_choice = delta.index not in started
+                offset = offsets.get(delta.index, 0)
+                choices.append(builder.chunk_choice(delta, first_of_choice, offset))
+                started.add(delta.index)
+                offsets[delta.index] = offset + len(delta.text)
+            yield builder.chunk(choices, include_usage)
+            if out.output.finished:
+                break
+            out = await outputs.__anext__()
+        if include_usage:
+            yield builder.usage_chunk()
+        yield SSE_DONE
+        status = "ok"
+    except Exception as exc:  # the replica failed mid-stream: end with an error event
+        status = "error"
+        mapped = from_engine_error(exc)
+        if mapped is None:
+            log.exception("stream of %s failed", served.job.request_id)
+            mapped = OpenAIError(503, "The model server failed.")
+        error = {"message": mapped.message, "type": "server_error", "code": mapped.code}
+        yield sse({"error": {**error, "param": None}})
+    finally:
+        outputs.cancel()
+        await served.close(status)

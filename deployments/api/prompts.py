@@ -1,0 +1,76 @@
+"""A request's prompt as the engine will see it: rendered, tokenized and checked once.
+
+The context length, the vocabulary range and the sampling parameters are checked here,
+at the ingress, so that a bad request is refused before admission reserves anything and
+the replica receives a request it can run as is.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from deployments.api.errors import OpenAIError
+from deployments.api.protocol import ChatCompletionRequest, OpenAIRequest
+from deployments.config.models import ModelSpec
+from models.default_model import resolve_model_path
+from models.errors import InvalidRequestError
+from models.sampling_params import SamplingParams
+from models.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Prompt:
+    token_ids: list[int]
+    params: SamplingParams
+    cost: int  # what admission reserves: prompt + max_tokens for each of the n choices
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    tokenizer: Tokenizer
+    context: int  # the longest prompt + completion the engine accepts
+
+    @classmethod
+    def load(cls, spec: ModelSpec) -> ServedModel:
+        path = resolve_model_path(spec.path)
+        max_pos = json.loads((path / "config.json").read_text())["max_position_embeddings"]
+        context = min(spec.engine.max_model_len or max_pos, max_pos)
+        return cls(spec.name, Tokenizer.from_pretrained(path), context)
+
+    def prompt(self, req: OpenAIRequest, default_max_tokens: int) -> Prompt:
+        chat = isinstance(req, ChatCompletionRequest)
+        ids = self._token_ids(req)
+        room = self.context - len(ids)
+        max_tokens = req.requested_max_tokens() or min(default_max_tokens, room)
+        if max_tokens > room or room <= 0:
+            raise OpenAIError(
+                400,
+                f"This model's maximum context length is {self.context} tokens. However, you "
+                f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, "
+                f"{max_tokens} in the completion).",
+                param="messages" if chat else "prompt",
+                code="context_length_exceeded",
+            )
+        try:
+            params = SamplingParams(**req.sampling(max_tokens, req.logprobs_k()))
+        except InvalidRequestError as exc:
+            raise OpenAIError(400, exc.message, param=exc.param, code=exc.code) from None
+        return Prompt(ids, params, len(ids) + max_tokens * req.n)
+
+    def _token_ids(self, req: OpenAIRequest) -> list[int]:
+        tok = self.tokenizer
+        if isinstance(req, ChatCompletionRequest):
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            try:  # control tokens come from the template only, never from content
+                return tok.encode_chat(messages)
+            except InvalidRequestError as exc:
+                raise OpenAIError(400, exc.message, param=exc.param, code=exc.code) from None
+        prompt = req.single_prompt()
+        if isinstance(prompt, str):
+            return tok.encode(prompt)
+        bad = [t for t in prompt if not 0 <= t < tok.vocab_size]
+        if bad:
+            raise OpenAIError(400, f"token id {bad[0]} is outside the vocabulary", param="prompt")
+        return list(prompt)

@@ -1,0 +1,28 @@
+"""What the ingress sends a model-server replica, and what comes back per engine step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from models.outputs import RequestOutput
+from models.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One admitted request, already validated: the ingress checked the context length,
+    the vocabulary range and the sampling parameters once."""
+
+    request_id: str  # made by the ingress, never taken from a client header
+    prompt: list[int]
+    params: SamplingParams
+    priority: int = 0  # the engine's band: the tenant's, or shared priority when spilled
+    cache_salt: str | None = None  # the tenant: prefix-cache hits never cross tenants
+
+
+@dataclass
+class ServedOutput:
+    """One engine step's output for a request, stamped with the replica that produced it."""
+
+    output: RequestOutput
+    replica_id: str

@@ -1,0 +1,209 @@
+"""The ingress side of admission: one `admit` and one `finish` per request, and what
+the ingress must remember so that an admission outage loses nothing.
+
+- Claims it holds are listed on every heartbeat, so a restarted actor counts them again.
+- A finish the actor did not acknowledge is kept and replayed (usage is never lost, and
+  the actor drops a replayed record it has already counted).
+- While the actor cannot be reached, requests are refused at once with a 503 instead of
+  waiting on it; a background probe re-registers the claims and lifts the refusal.
+- A tenant refused for its rate limits is refused again locally until the limit lifts
+  (no actor round trip, no tokenization): a noisy tenant costs the front door little.
+
+Finishes are sent from an empty task context: a client that goes away cancels its Serve
+request, and Ray then cancels that request's child calls recursively (ray#52476), which
+could drop the finish before the actor ran it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from ray.actor import ActorHandle
+from ray.exceptions import RayActorError
+
+from deployments.tenancy.actor import get_admission
+from deployments.tenancy.types import (
+    Admission,
+    AdmissionConfig,
+    AdmissionRequest,
+    HeldClaim,
+    UsageRecord,
+)
+
+log = logging.getLogger(__name__)
+RPC_TIMEOUT_S = 5.0  # a call that is not a queue wait: heartbeat, finish, probe
+START_TIMEOUT_S = 60.0  # the first ingress may wait for the actor's process to start
+QUEUE_MARGIN_S = 5.0  # admit may wait the queue deadline, plus this
+PROBE_INTERVAL_S = 0.5
+CONCURRENCY_BLOCK_S = 0.25  # a slot may free any moment: remember such a refusal briefly
+
+
+class AdmissionUnavailable(Exception):
+    """The admission actor cannot be reached now (dead, restarting, or re-registering)."""
+
+
+def remote_outside_request(method: Any, *args: Any) -> Any:
+    """`method.remote(*args)`, submitted so that cancelling the request cannot cancel it."""
+    return contextvars.Context().run(method.remote, *args)
+
+
+@dataclass
+class _Block:
+    until: float
+    admission: Admission
+
+
+class AdmissionClient:
+    def __init__(self, app_name: str, config: AdmissionConfig, owner: str) -> None:
+        self.app_name, self.config, self.owner = app_name, config, owner
+        self.held: dict[str, HeldClaim] = {}
+        self.unacknowledged: dict[str, UsageRecord | None] = {}
+        self._blocked: dict[str, _Block] = {}
+        self._handle: ActorHandle | None = None
+        self._recovering: asyncio.Task | None = None
+
+    @property
+    def actor(self) -> ActorHandle:
+        if self._handle is None:
+            self._handle = get_admission(self.app_name, self.config)
+        return self._handle
+
+    async def start(self) -> None:
+        """Make or find the actor and apply this replica's config (newest wins)."""
+        await asyncio.wait_for(self.actor.configure.remote(self.config), START_TIMEOUT_S)
+
+    @property
+    def available(self) -> bool:
+        return self._recovering is None or self._recovering.done()
+
+    # ---- the request path ---------------------------------------------------------
+    def blocked(self, tenant: str) -> Admission | None:
+        """The tenant's last refusal while it still holds, with the time left."""
+        block = self._blocked.get(tenant)
+        if block is None:
+            return None
+        left = block.until - time.monotonic()
+        if left <= 0:
+            del self._blocked[tenant]
+            return None
+        refusal = block.admission.refusal
+        assert refusal is not None
+        return replace(block.admission, refusal=replace(refusal, retry_after_s=left))
+
+    async def admit(self, req: AdmissionRequest) -> Admission:
+        """Admission's decision, or AdmissionUnavailable. If the caller is cancelled or
+        the call fails, whatever the actor may have granted is finished."""
+        if not self.available:
+            raise AdmissionUnavailable
+        try:
+            admission: Admission = await asyncio.wait_for(
+                self.actor.admit.remote(req), self.config.queue_deadline_s + QUEUE_MARGIN_S
+            )
+        except (RayActorError, TimeoutError) as exc:
+            self._lost(exc)
+            self._finish_later(req.claim_id, None)
+            raise AdmissionUnavailable from None
+        except BaseException:
+            self._finish_later(req.claim_id, None)
+            raise
+        if admission.admitted:
+            self.held[req.claim_id] = HeldClaim(req, admission, time.time())
+        else:
+            self._remember(req.tenant, admission)
+        return admission
+
+    async def finish(self, claim_id: str, usage: UsageRecord | None) -> None:
+        """Settle the claim and record usage; kept for replay until acknowledged."""
+        claim = self.held.pop(claim_id, None)
+        if claim is not None:
+            block = self._blocked.get(claim.request.tenant)
+            refusal = block.admission.refusal if block else None
+            if refusal is not None and refusal.reason == "concurrency":
+                del self._blocked[claim.request.tenant]  # a slot of this tenant just freed
+        self.unacknowledged[claim_id] = usage
+        await asyncio.shield(self._send_finish(claim_id, usage))
+
+    def _finish_later(self, claim_id: str, usage: UsageRecord | None) -> None:
+        self.held.pop(claim_id, None)
+        self.unacknowledged[claim_id] = usage
+        asyncio.get_running_loop().create_task(self._send_finish(claim_id, usage))
+
+    async def _send_finish(self, claim_id: str, usage: UsageRecord | None) -> None:
+        try:
+            ref = remote_outside_request(self.actor.finish, claim_id, usage)
+            await asyncio.wait_for(ref, RPC_TIMEOUT_S)
+        except (RayActorError, TimeoutError) as exc:
+            self._lost(exc)  # kept in unacknowledged: the probe or a heartbeat replays it
+            return
+        self.unacknowledged.pop(claim_id, None)
+
+    def _remember(self, tenant: str, admission: Admission) -> None:
+        refusal = admission.refusal
+        assert refusal is not None
+        if refusal.too_large or refusal.reason not in ("rpm", "tpm", "concurrency"):
+            return  # specific to this request's size, or to the pool, not to the tenant
+        if refusal.reason == "tpm" and (admission.limits.remaining_tokens or 0) > 0:
+            return  # a smaller request may still fit
+        hold = refusal.retry_after_s
+        if refusal.reason == "concurrency":
+            hold = min(hold, CONCURRENCY_BLOCK_S)
+        self._blocked[tenant] = _Block(time.monotonic() + hold, admission)
+
+    async def usage(self) -> dict[str, Any]:
+        """The actor's snapshot (GET /admin/usage), as JSON-ready data."""
+        if not self.available:
+            raise AdmissionUnavailable
+        try:
+            snapshot = await asyncio.wait_for(self.actor.snapshot.remote(), RPC_TIMEOUT_S)
+        except (RayActorError, TimeoutError) as exc:
+            self._lost(exc)
+            raise AdmissionUnavailable from None
+        return asdict(snapshot)
+
+    # ---- liveness: heartbeats, outages, recovery ------------------------------------
+    async def heartbeat(self) -> None:
+        """Report this replica's claims (re-registered if the actor restarted), replay
+        unacknowledged finishes and re-apply the config if the actor runs an older one.
+        Never raises: admission trouble must not fail the ingress's health check."""
+        try:
+            await self._beat()
+        except (RayActorError, TimeoutError) as exc:
+            self._lost(exc)
+
+    async def _beat(self) -> None:
+        for claim_id, usage in list(self.unacknowledged.items()):
+            await self._send_finish(claim_id, usage)
+        reply = await asyncio.wait_for(
+            self.actor.ingress_heartbeat.remote(self.owner, list(self.held.values())),
+            RPC_TIMEOUT_S,
+        )
+        if reply.restored:
+            log.warning("admission restarted: re-registered %d claims", reply.restored)
+        if reply.config_version < self.config.version:
+            await asyncio.wait_for(self.actor.configure.remote(self.config), RPC_TIMEOUT_S)
+
+    def _lost(self, exc: BaseException) -> None:
+        """The actor failed a call: refuse requests until a probe gets through."""
+        if not self.available:
+            return
+        log.warning("admission unreachable (%s); refusing requests until it answers", exc)
+        if isinstance(exc, RayActorError) and not getattr(exc, "preempted", False):
+            self._handle = None  # dead for good unless Ray restarts it: look it up again
+        self._recovering = asyncio.get_running_loop().create_task(self._recover())
+
+    async def _recover(self) -> None:
+        started = time.monotonic()
+        while True:
+            try:
+                await asyncio.wait_for(self.actor.ping.remote(), RPC_TIMEOUT_S)
+                await self._beat()
+                break
+            except (RayActorError, TimeoutError):
+                self._handle = None
+                await asyncio.sleep(PROBE_INTERVAL_S)
+        log.warning("admission reachable again after %.1fs", time.monotonic() - started)
