@@ -88,10 +88,9 @@ class LLMEngine:
         priority: int = 0,
         cache_salt: str | None = None,
     ) -> PreparedRequest:
-        """Validate and tokenize; raises InvalidRequestError / ContextLengthExceededError."""
-        params.validate()
-        if request_id in self._requests:
-            raise InvalidRequestError(f"duplicate request id {request_id!r}", "request_id")
+        """Tokenize and check the prompt against the model; raises InvalidRequestError /
+        ContextLengthExceededError. `params` validated itself when it was made, and a
+        duplicate id is refused once, by `admit`, on the engine's own thread."""
         token_ids = self._tokenize(prompt)
         total = len(token_ids) + params.max_tokens
         if total > self.max_model_len:

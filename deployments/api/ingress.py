@@ -10,7 +10,6 @@ the request ends.
 # No `from __future__ import annotations` here: serve.ingress re-creates the route methods
 # elsewhere, where FastAPI could not resolve string annotations such as `Request`.
 import json
-import logging
 import time
 import uuid
 from typing import Any
@@ -41,7 +40,7 @@ from deployments.tenancy.keys import load_key_rings
 from deployments.tenancy.policy import admission_config
 from deployments.tenancy.types import Admission, AdmissionRequest, UsageRecord
 
-log = logging.getLogger(__name__)
+INGRESS_HEADER = "x-tiered-ingress"
 
 app = FastAPI(title="Tiered", version="0.1.0", description="OpenAI-compatible multi-tenant API")
 install_error_handlers(app)
@@ -130,9 +129,17 @@ class Ingress:
             raise OpenAIError(401, message, code="invalid_api_key")
         return tenant
 
-    async def _complete(
-        self, request: Request, kind: str
-    ) -> Response:
+    async def _complete(self, request: Request, kind: str) -> Response:
+        """Every answer names the ingress replica that gave it (x-tiered-ingress)."""
+        try:
+            response = await self._serve(request, kind)
+        except OpenAIError as exc:
+            exc.headers[INGRESS_HEADER] = self.owner
+            raise
+        response.headers[INGRESS_HEADER] = self.owner
+        return response
+
+    async def _serve(self, request: Request, kind: str) -> Response:
         """The request path, with its labels left in request.state for the metrics."""
         tenant = self._authenticate(request)
         request.state.tenant = tenant.name

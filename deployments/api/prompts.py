@@ -1,8 +1,8 @@
-"""A request's prompt as the engine will see it: rendered, tokenized and checked once.
+"""A request's prompt as the engine will see it: rendered, tokenized, and sized.
 
-The context length, the vocabulary range and the sampling parameters are checked here,
-at the ingress, so that a bad request is refused before admission reserves anything and
-the replica receives a request it can run as is.
+The context length (which sets the default max_tokens and what admission reserves) and
+the sampling parameters are checked here, once, before admission reserves anything; the
+vocabulary range of raw token ids is the engine's check.
 """
 
 from __future__ import annotations
@@ -68,9 +68,5 @@ class ServedModel:
             except InvalidRequestError as exc:
                 raise OpenAIError(400, exc.message, param=exc.param, code=exc.code) from None
         prompt = req.single_prompt()
-        if isinstance(prompt, str):
-            return tok.encode(prompt)
-        bad = [t for t in prompt if not 0 <= t < tok.vocab_size]
-        if bad:
-            raise OpenAIError(400, f"token id {bad[0]} is outside the vocabulary", param="prompt")
-        return list(prompt)
+        # Token ids are checked against the vocabulary once, by the engine (a 400).
+        return tok.encode(prompt) if isinstance(prompt, str) else list(prompt)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -11,11 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from deployments.config.models import (
     ConfigError,
     ModelSpec,
-    ReplicaSpec,
-    initial_replicas,
     validate_against_checkpoint,
     validate_against_cluster,
 )
+from deployments.config.plan import deployment_plan
 from deployments.config.tenants import (
     DispatchSpec,
     IngressSpec,
@@ -89,26 +87,14 @@ class TieredConfig(BaseModel):
         admin = [(f"admin_key_hashes[{i}]", h) for i, h in enumerate(self.admin_key_hashes)]
         return tenant_key_places(self.tenants) + admin
 
-    def replica_specs(self) -> Iterator[tuple[str, ModelSpec, ReplicaSpec, int]]:
-        """(where, model, replica, floor) for every deployment the app will create; the
-        floor is a dedicated tenant's reservation, or a shared pool's starting replicas."""
-        for i, m in enumerate(self.models):
-            yield f"models[{i}].shared_pool", m, m.shared_pool, initial_replicas(m.shared_pool)
-        for i, t in enumerate(self.tenants):
-            if t.dedicated:
-                model = self.model(t.dedicated.model)
-                assert model is not None
-                where = f"tenants[{i}].dedicated.replica"
-                yield where, model, t.dedicated.replica, t.dedicated.reserved_replicas
-
     def validate_node_types(self) -> None:
         """Each replica must fit one node type (GPUs for its tp_size, its node-type
         resource), so a bad pairing fails at load rather than pending forever."""
         if not self.node_types:
             return
         nodes = [dict(n.resources) for n in self.node_types.values()]
-        for where, model, replica, _ in self.replica_specs():
-            validate_against_cluster(model, nodes, replica, where)
+        for plan in deployment_plan(self):
+            validate_against_cluster(plan.model, nodes, plan.replica, plan.where)
 
     def model(self, name: str) -> ModelSpec | None:
         return next((m for m in self.models if m.name == name), None)
@@ -117,8 +103,13 @@ class TieredConfig(BaseModel):
         return next((t for t in self.tenants if t.name == name), None)
 
     def validate_checkpoints(self) -> None:
-        for where, model, replica, _ in self.replica_specs():
-            validate_against_checkpoint(model, replica, where)
+        """Every model's checkpoint (the ingress loads each one's tokenizer), and the
+        shapes of every deployment the plan makes."""
+        for i, m in enumerate(self.models):
+            validate_against_checkpoint(m, m.shared_pool, f"models[{i}].shared_pool")
+        for plan in deployment_plan(self):
+            if plan.tier == "dedicated":
+                validate_against_checkpoint(plan.model, plan.replica, plan.where)
 
 
 def load_config(path: str | Path | None = None, *, checkpoints: bool = True) -> TieredConfig:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from deployments.config.resources import Resources, place, replica_bundles
+from deployments.config.plan import PoolPlan, deployment_plan
+from deployments.config.resources import place, replica_bundles
 from deployments.config.tiered import TieredConfig
 
 
@@ -18,12 +19,9 @@ def reservation_problems(config: TieredConfig) -> list[str]:
     """Why the node types cannot hold the reservations; empty when they can."""
     if not config.node_types:
         return []
-    groups: dict[str | None, list[tuple[str, list[Resources], int, str]]] = defaultdict(list)
-    for where, model, replica, count in config.replica_specs():
-        bundles = replica_bundles(model, replica)
-        groups[replica.node_type_resource].append(
-            (where, bundles, count, replica.placement_strategy)
-        )
+    groups: dict[str | None, list[PoolPlan]] = defaultdict(list)
+    for plan in deployment_plan(config):
+        groups[plan.replica.node_type_resource].append(plan)
     problems = []
     for resource, deployments in groups.items():
         nodes = [
@@ -32,12 +30,14 @@ def reservation_problems(config: TieredConfig) -> list[str]:
             if resource is None or resource in t.resources
             for _ in range(t.max_workers)
         ]
-        for where, bundles, count, strategy in deployments:
+        for plan in deployments:
+            bundles, count = replica_bundles(plan.model, plan.replica), plan.floor
+            strategy = plan.replica.placement_strategy
             placed = sum(place(bundles, nodes, strategy) for _ in range(count))
             if placed < count:
                 kind = f"nodes with {resource!r}" if resource else "nodes"
                 problems.append(
-                    f"{where}: {count} replica(s) of {len(bundles)} rank(s) reserved, but the "
+                    f"{plan.where}: {count} replica(s) of {len(bundles)} rank(s) reserved, but the "
                     f"{kind} (at max_workers) hold only {placed}"
                 )
     return problems
