@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
 
-.PHONY: serve test lint bench install clean
+.PHONY: serve test lint typecheck bench install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,14 +24,19 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
 bench: $(STAMP)
 	$(PY) -m bench.engine_bench
 	$(PY) -m bench.replica_bench
+	$(PY) -m bench.admission_bench
 	for s in throughput_sweep p3_overhead p4_isolation p5_fairness p6_prefix p7_autoscale; do \
 		$(VENV)/bin/tiered bench run $$s --no-progress || exit 1; done
 	$(VENV)/bin/tiered bench run p4_isolation --pinned --no-progress

@@ -26,7 +26,7 @@ def build_from_config(config: TieredConfig) -> serve.Application:
         )
         for plan in deployment_plan(config)
     }
-    ingress = serve.deployment(Ingress).options(
+    ingress = serve.deployment(Ingress).options(  # type: ignore[attr-defined]
         name=INGRESS_DEPLOYMENT,
         num_replicas=config.ingress.num_replicas,
         ray_actor_options={"num_cpus": 0},

@@ -74,7 +74,7 @@ def signals_from_metrics(metrics: dict[str, dict[Any, float]], replicas: int) ->
     )
 
 
-def llm_pool_policy(ctx) -> tuple[int, dict[str, Any]]:  # type: ignore[no-untyped-def]
+def llm_pool_policy(ctx) -> tuple[int, dict[str, Any]]:
     """Serve policy entry point. It returns the ask within the (capacity-adjusted) bounds;
     Serve's wrapper applies the upscale and downscale delays around it."""
     kwargs = ctx.config.policy.policy_kwargs or {}

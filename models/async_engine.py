@@ -25,7 +25,8 @@ from models.tp import ParallelContext
 
 log = logging.getLogger(__name__)
 
-_Sink = tuple[asyncio.AbstractEventLoop, asyncio.Queue]
+_Item = RequestOutput | BaseException  # a step's output, or the error that ends the stream
+_Sink = tuple[asyncio.AbstractEventLoop, asyncio.Queue[_Item]]
 
 
 class AsyncLLMEngine:
@@ -64,7 +65,7 @@ class AsyncLLMEngine:
         prepared = self.engine.prepare(
             request_id, prompt, params, priority=priority, cache_salt=cache_salt
         )
-        sink: asyncio.Queue = asyncio.Queue()
+        sink: asyncio.Queue[_Item] = asyncio.Queue()
         with self._sinks_lock:
             if request_id in self._sinks:
                 raise InvalidRequestError(f"duplicate request id {request_id!r}", "request_id")
@@ -170,7 +171,7 @@ class AsyncLLMEngine:
             self._error = exc
             self._fail_all(EngineDeadError(f"engine loop died: {exc!r}"))
 
-    def _deliver(self, request_id: str, item: object) -> None:
+    def _deliver(self, request_id: str, item: _Item) -> None:
         with self._sinks_lock:
             sink = self._sinks.get(request_id)
         if sink is None:

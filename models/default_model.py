@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeGuard
 
 import torch
 from safetensors.torch import save_file
@@ -64,20 +64,24 @@ def default_model_path(size: Size = "tiny") -> Path:
     return path
 
 
+def _is_size(name: str) -> TypeGuard[Size]:
+    return name in SHAPES
+
+
 def resolve_model_path(spec: str) -> Path:
     """`default:tiny`, `default:small`, or a checkpoint directory."""
     if spec.startswith("default:"):
         size = spec.split(":", 1)[1]
-        if size not in SHAPES:
+        if not _is_size(size):
             raise ValueError(f"unknown default model {spec!r}; use default:tiny or default:small")
-        return default_model_path(size)  # type: ignore[arg-type]
+        return default_model_path(size)
     path = Path(spec).expanduser()
     if not (path / "config.json").is_file():
         raise ValueError(f"model path {spec!r} has no config.json")
     return path
 
 
-def config_for(size: Size) -> dict:
+def config_for(size: Size) -> dict[str, Any]:
     shape = SHAPES[size]
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -154,7 +158,7 @@ def _write_tokenizer(path: Path) -> None:
     )
 
 
-def _random_weights(config: dict) -> dict[str, torch.Tensor]:
+def _random_weights(config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Seeded normal weights; a wider lm_head keeps greedy argmax margins clear."""
     gen = torch.Generator().manual_seed(20261122)
     h, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]

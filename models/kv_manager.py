@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Collection
 
 from models.block_pool import BlockPool, KVBlock
 from models.request import Sequence
@@ -65,7 +66,9 @@ class KVCacheManager:
         self.queries += num_prompt_tokens
         self.hits += num_hit_tokens
 
-    def allocate(self, seq: Sequence, num_new_tokens: int, cached: list[KVBlock] = ()) -> bool:  # type: ignore[assignment]
+    def allocate(
+        self, seq: Sequence, num_new_tokens: int, cached: Collection[KVBlock] = ()
+    ) -> bool:
         """Make room for `num_new_tokens` more tokens; False (and no change) if it can't."""
         owned = self._blocks.get(seq.seq_id, [])
         total = seq.num_computed_tokens + len(cached) * self.block_size + num_new_tokens

@@ -110,7 +110,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, tp)
 
-    def forward(self, x, cos, sin, kv_cache, meta) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -136,6 +143,8 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    inv_freq: torch.Tensor  # a buffer (register_buffer), not a parameter
+
     def __init__(self, config: ModelConfig, tp: ParallelContext) -> None:
         super().__init__()
         config.check_tp(tp.world_size)

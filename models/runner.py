@@ -129,7 +129,7 @@ class ModelRunner:
     def _forward(self, batch: StepBatch) -> torch.Tensor | None:
         device = self.parallel.device
 
-        def ints(values: list[int]) -> torch.Tensor:
+        def ints(values: list[int] | list[list[int]]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 
         meta = AttentionMetadata.build(

@@ -63,13 +63,14 @@ class Scheduler:
         while self.running and budget > 0:
             seq = self.running.pop(0)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            gave_way = False
             while not self.kv.allocate(seq, num_new):
                 if not self.running:  # nothing lower-priority left: give way itself
                     self._preempt(seq, out)
-                    seq = None
+                    gave_way = True
                     break
                 self._preempt(self.running.pop(), out)
-            if seq is None:
+            if gave_way:
                 break
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
             kept.append(seq)

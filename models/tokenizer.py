@@ -86,8 +86,9 @@ class Tokenizer:
         self.bos_token = _token_content(config.get("bos_token"))
         self.eos_token = _token_content(config.get("eos_token"))
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
-        if self.eos_token and self._tok.token_to_id(self.eos_token) is not None:
-            eos_ids.add(self._tok.token_to_id(self.eos_token))
+        eos_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        if eos_id is not None:
+            eos_ids.add(eos_id)
         self.eos_token_ids = frozenset(eos_ids)
         self.add_bos_token = bool(config.get("add_bos_token", False))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)

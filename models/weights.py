@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import safe_open
@@ -18,6 +19,12 @@ from models.config import ModelConfig
 from models.errors import UnsupportedModelError
 from models.llama import LlamaModel, rope_inv_freq
 from models.tp import ParallelContext
+
+
+class TensorSlice(Protocol):
+    """What `safe_open(...).get_slice` returns: indexing it reads only those rows/columns."""
+
+    def __getitem__(self, index: slice | tuple[slice, ...]) -> torch.Tensor: ...
 
 
 class CheckpointReader:
@@ -40,7 +47,7 @@ class CheckpointReader:
     def has(self, name: str) -> bool:
         return name in self._handles
 
-    def slice(self, name: str):  # type: ignore[no-untyped-def]
+    def slice(self, name: str) -> TensorSlice:
         if name not in self._handles:
             raise UnsupportedModelError(f"checkpoint lacks tensor {name!r}")
         return self._handles[name].get_slice(name)
@@ -145,15 +152,17 @@ def _scaled(span: tuple[int, int], factor: int) -> tuple[int, int]:
     return span[0] * factor, span[1] * factor
 
 
-def _rows(tensor_slice, span: tuple[int, int]) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _rows(tensor_slice: TensorSlice, span: tuple[int, int]) -> torch.Tensor:
     return tensor_slice[span[0] : span[1]]
 
 
-def _cols(tensor_slice, span: tuple[int, int]) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _cols(tensor_slice: TensorSlice, span: tuple[int, int]) -> torch.Tensor:
     return tensor_slice[:, span[0] : span[1]]
 
 
-def _vocab_rows(tensor_slice, config: ModelConfig, tp: ParallelContext) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _vocab_rows(
+    tensor_slice: TensorSlice, config: ModelConfig, tp: ParallelContext
+) -> torch.Tensor:
     """This rank's vocab rows, zero-padded when the vocab does not split evenly."""
     shard = -(-config.vocab_size // tp.world_size)
     start = tp.rank * shard

@@ -13,8 +13,11 @@ from ray import serve
 
 from deployments.config.models import ModelSpec, ReplicaSpec
 from deployments.replicas.model_server import model_server_deployment
+from deployments.replicas.requests import GenerateRequest
+from models.sampling_params import SamplingParams
 
 GREEDY = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
+LONG = {"max_tokens": 1500, "temperature": 0.0, "ignore_eos": True}  # outlives the test step
 PROMPTS = [[11, 22, 33, 44, 55], list(range(100, 160)), [7] * 20]
 
 
@@ -29,12 +32,17 @@ def deploy(path: Path, name: str, **replica: Any):  # type: ignore[no-untyped-de
     return serve.run(model_server_deployment(spec, rep, name), name=name, route_prefix=None)
 
 
+def request(request_id: str, prompt: list[int], **params: Any) -> GenerateRequest:
+    """What the ingress sends a replica: an id, token ids and sampling parameters."""
+    return GenerateRequest(request_id, prompt, SamplingParams(**params))
+
+
 def run(coro: Coroutine, timeout: float = 120) -> Any:
     """Run a coroutine with a hard deadline, so a hung stream fails the test."""
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-async def collect(handle, request: dict) -> tuple[list[int], set[str]]:  # type: ignore[no-untyped-def]
+async def collect(handle, request: GenerateRequest) -> tuple[list[int], set[str]]:  # type: ignore[no-untyped-def]
     """All token ids of one stream, and the replicas that produced them."""
     tokens: list[int] = []
     replicas: set[str] = set()
@@ -65,13 +73,19 @@ def in_process_greedy(path: Path, prompts: list[list[int]], max_tokens: int) -> 
 
 
 def stats_of(handle, replica_id: str, timeout_s: float = 30) -> dict:  # type: ignore[no-untyped-def]
-    """Stats of one given replica (the handle routes to any of them)."""
+    """Stats of one given replica (the handle routes to any of them), polled with a pause
+    between calls and a deadline: a replica that is gone fails the test, not hangs it."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        stats = handle.stats.remote().result(timeout_s=30)
+    seen: set[str] = set()
+    while (left := deadline - time.monotonic()) > 0:
+        stats = handle.stats.remote().result(timeout_s=max(left, 1.0))
         if stats["replica_id"] == replica_id:
             return stats
-    raise AssertionError(f"no stats from replica {replica_id} within {timeout_s}s")
+        seen.add(stats["replica_id"])
+        time.sleep(0.05)
+    raise AssertionError(
+        f"no stats from replica {replica_id} within {timeout_s}s (answered: {sorted(seen)})"
+    )
 
 
 def wait_idle(handle, replica_id: str, timeout_s: float = 30) -> dict:  # type: ignore[no-untyped-def]

@@ -240,3 +240,31 @@ def test_dedicated_reservation_is_the_autoscaling_floor() -> None:
     burst = dedicated_replica(DedicatedSpec(model="m", reserved_replicas=2, max_replicas=5))
     assert burst.autoscaling is not None
     assert burst.autoscaling.min_replicas == 2 and burst.autoscaling.max_replicas == 5
+
+
+def test_finished_ids_are_refused_on_arrival_until_forgotten(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A finish that beat its admit (the caller gave up) refuses that admit for
+    FORGET_AFTER_S; then the id is forgotten, oldest first, and the list stays short."""
+    from deployments.tenancy import admission as module
+
+    clock = [1000.0]
+    fake_time = type("FakeTime", (), {"monotonic": staticmethod(lambda: clock[0]),
+                                      "time": staticmethod(time.time)})
+    monkeypatch.setattr(module, "time", fake_time)  # this module's clock only, not asyncio's
+
+    async def main() -> None:
+        state = AdmissionState(_config(GLOBEX, shared=100))
+        state.finish("early")  # the caller gave up before its admit arrived
+        late = await state.admit(_ask("early", "globex"))
+        assert late.refusal is not None and late.refusal.reason == "abandoned"
+        for i in range(50):
+            state.finish(f"old{i}")
+        clock[0] += module.FORGET_AFTER_S + 1
+        state.finish("new")
+        assert set(state._forgotten) == {"new"}, "expired ids are not dropped"
+        again = await state.admit(_ask("early", "globex"))
+        assert again.admitted, "an id finished long ago still refused"
+
+    _run(main())

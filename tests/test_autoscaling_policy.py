@@ -125,30 +125,49 @@ def test_queue_wait_target_asks_for_more_only_while_requests_queue() -> None:
     assert llm_pool_policy(_context(drained, 1, spec))[0] == 1  # old waits alone do not count
 
 
-def test_serve_applies_the_upscale_and_downscale_delays_around_the_policy() -> None:
+class FakeClock:
+    """Stands in for the `time` module Serve's delay logic reads (`time.time()`)."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+
+def test_serve_applies_the_upscale_and_downscale_delays_around_the_policy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Serve's own wrapper (the one its controller uses) holds a decision until the
-    configured delay has passed, for each direction."""
-    import time
+    configured delay has passed, for each direction. Its clock is a fake one, so the
+    steps land just before and at each delay whatever the load on the box."""
+    from ray.serve import autoscaling_policy
 
-    from ray.serve.autoscaling_policy import _apply_autoscaling_config
-
-    policy = _apply_autoscaling_config(llm_pool_policy)
-    spec = AutoscalingSpec(max_replicas=8, upscale_delay_s=0.3, downscale_delay_s=0.6)
+    clock = FakeClock()
+    monkeypatch.setattr(autoscaling_policy, "time", clock)
+    policy = autoscaling_policy._apply_autoscaling_config(llm_pool_policy)
+    spec = AutoscalingSpec(max_replicas=8, upscale_delay_s=3, downscale_delay_s=6)
     first, state = policy(_context(BUSY, 2, spec))
     assert first == 2, "scaled up before upscale_delay_s"
-    time.sleep(0.35)
+    clock.now += 2.9
+    held, state = policy(_context(BUSY, 2, spec, state))
+    assert held == 2, "scaled up before upscale_delay_s"
+    clock.now += 0.1
     later, state = policy(_context(BUSY, 2, spec, state))
-    assert later == 4
+    assert later == 4, "no scale-up once upscale_delay_s had passed"
 
     idle = {"kv_usage": {"r1": 0.0}, "num_running": {"r1": 0}, "max_num_seqs": {"r1": 16}}
     down, state = policy(_context(idle, 4, spec, state))
     assert down == 4, "scaled down before downscale_delay_s"
-    time.sleep(0.35)
+    clock.now += 3.5
     down, state = policy(_context(idle, 4, spec, state))
     assert down == 4, "the downscale delay is longer than the upscale delay"
-    time.sleep(0.3)
+    clock.now += 2.4  # 5.9 s idle
     down, state = policy(_context(idle, 4, spec, state))
-    assert down == 1
+    assert down == 4, "scaled down before downscale_delay_s"
+    clock.now += 0.1
+    down, state = policy(_context(idle, 4, spec, state))
+    assert down == 1, "no scale-down once downscale_delay_s had passed"
 
 
 def running_replicas(app: str, deployment: str) -> int:
@@ -179,13 +198,11 @@ def start_stream_load(handle, streams: int, tag: str):  # type: ignore[no-untype
     import asyncio
     import threading
 
+    from tests.ray_fixtures import request
+
     async def one(i: int) -> None:
-        request = {
-            "request_id": f"{tag}{i}",
-            "prompt": [5 + i % 3] * 18,
-            "params": {"max_tokens": 300, "ignore_eos": True},
-        }
-        async for _ in handle.options(stream=True).generate.remote(request):
+        stream = request(f"{tag}{i}", [5 + i % 3] * 18, max_tokens=300, ignore_eos=True)
+        async for _ in handle.options(stream=True).generate.remote(stream):
             pass
 
     async def load() -> None:

@@ -16,7 +16,18 @@ import ray
 from ray import serve
 
 from deployments.replicas.model_server import WORKER_NAMESPACE
-from tests.ray_fixtures import GREEDY, PROMPTS, collect, deploy, in_process_greedy, run, wait_idle
+from models.errors import EngineDeadError
+from tests.ray_fixtures import (
+    GREEDY,
+    LONG,
+    PROMPTS,
+    collect,
+    deploy,
+    in_process_greedy,
+    request,
+    run,
+    wait_idle,
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,19 +58,16 @@ def test_spread_puts_ranks_on_different_nodes(tp2) -> None:  # type: ignore[no-u
 def test_cross_node_greedy_equals_tp1(tp2, tiny_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
     reference = in_process_greedy(tiny_model_dir, PROMPTS, GREEDY["max_tokens"])
     for i, prompt in enumerate(PROMPTS):
-        tokens, _ = run(collect(tp2, {"request_id": f"x{i}", "prompt": prompt, "params": GREEDY}))
+        tokens, _ = run(collect(tp2, request(f"x{i}", prompt, **GREEDY)))
         assert len(tokens) == GREEDY["max_tokens"]
         assert tokens == reference[i], f"prompt {i}: TP=2 across nodes differs from TP=1"
 
 
 def test_cancel_frees_kv_blocks_tp2(tp2) -> None:  # type: ignore[no-untyped-def]
     async def cancel_midway() -> str:
-        request = {
-            "request_id": "cancel-tp2",
-            "prompt": list(range(50, 150)),
-            "params": {"max_tokens": 1500, "temperature": 0.0, "ignore_eos": True},
-        }
-        stream = tp2.options(stream=True).generate.remote(request)
+        stream = tp2.options(stream=True).generate.remote(
+            request("cancel-tp2", list(range(50, 150)), **LONG)
+        )
         seen = 0
         async for served in stream:
             seen += 1
@@ -87,25 +95,24 @@ def test_killing_rank1_errors_streams_and_replaces_the_replica(tp2, tiny_model_d
     before = tp2.stats.remote().result(timeout_s=30)
     (worker_name,) = before["worker_names"]
 
-    async def stream_then_kill() -> tuple[str, float]:
-        request = {
-            "request_id": "doomed",
-            "prompt": [5] * 40,
-            "params": {"max_tokens": 1500, "temperature": 0.0, "ignore_eos": True},
-        }
+    async def stream_then_kill() -> tuple[BaseException | None, float]:
+        doomed = request("doomed", [5] * 40, **LONG)
         seen, killed = 0, time.monotonic()
         try:
-            async for _ in tp2.options(stream=True).generate.remote(request):
+            async for _ in tp2.options(stream=True).generate.remote(doomed):
                 seen += 1
                 if seen == 2:
                     killed = time.monotonic()
                     ray.kill(ray.get_actor(worker_name, namespace=WORKER_NAMESPACE))
-            return "finished", 0.0
-        except Exception as exc:  # the terminal error we expect, not a hang
-            return type(exc).__name__, time.monotonic() - killed
+            return None, 0.0
+        # Rank 0's collective breaks and its engine fails the stream with EngineDeadError
+        # (Ray re-raises it as a RayTaskError that is also an EngineDeadError); anything
+        # else (an actor error at the drain timeout, a bug in this test) propagates.
+        except EngineDeadError as exc:
+            return exc, time.monotonic() - killed
 
-    outcome, after_kill_s = run(stream_then_kill(), timeout=60)
-    assert outcome != "finished", "the stream outlived its rank-1 worker"
+    error, after_kill_s = run(stream_then_kill(), timeout=60)
+    assert error is not None, "the stream outlived its rank-1 worker"
     assert after_kill_s < 10
 
     _wait_for_replacement(tp2, before, tiny_model_dir)
@@ -119,53 +126,55 @@ def test_frozen_rank1_stalls_then_errors_and_is_replaced(tp2, tiny_model_dir: Pa
     worker = ray.get_actor(worker_name, namespace=WORKER_NAMESPACE)
     pid = ray.get(worker.pid.remote())
 
-    async def stream_then_freeze() -> tuple[str, float]:
-        request = {
-            "request_id": "frozen",
-            "prompt": [6] * 40,
-            "params": {"max_tokens": 1500, "temperature": 0.0, "ignore_eos": True},
-        }
+    async def stream_then_freeze() -> tuple[BaseException | None, float]:
+        stalled = request("frozen", [6] * 40, **LONG)
         seen, frozen = 0, time.monotonic()
         try:
-            async for _ in tp2.options(stream=True).generate.remote(request):
+            async for _ in tp2.options(stream=True).generate.remote(stalled):
                 seen += 1
                 if seen == 2:
                     frozen = time.monotonic()
                     os.kill(pid, signal.SIGSTOP)
-            return "finished", 0.0
-        except Exception as exc:
-            return type(exc).__name__, time.monotonic() - frozen
+            return None, 0.0
+        # The stall fails the health check, which kills the followers: rank 0 leaves the
+        # collective and fails the stream with EngineDeadError, well before Serve's drain
+        # timeout would end it with an actor error.
+        except EngineDeadError as exc:
+            return exc, time.monotonic() - frozen
 
     try:
-        outcome, after_freeze_s = run(stream_then_freeze(), timeout=90)
+        error, after_freeze_s = run(stream_then_freeze(), timeout=90)
     finally:
         with contextlib.suppress(ProcessLookupError):  # killed by the health check, as meant
             os.kill(pid, signal.SIGCONT)
-    assert outcome != "finished", "the stream outlived its frozen rank"
+    assert error is not None, "the stream outlived its frozen rank"
     assert after_freeze_s < 20, f"the stream took {after_freeze_s:.0f}s to fail"
     _wait_for_replacement(tp2, before, tiny_model_dir)
 
 
 def _wait_for_healthy(handle, timeout_s: float = 120) -> dict:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            request = {"request_id": f"probe-{time.time()}", "prompt": [1, 2], "params": GREEDY}
-            run(collect(handle, request), 30)
+            run(collect(handle, request(f"probe-{time.time()}", [1, 2], **GREEDY)), 30)
             return handle.stats.remote().result(timeout_s=30)
-        except Exception:
+        except Exception as exc:  # any failure while the replica comes back: retry
+            last = exc
             time.sleep(1)
-    raise AssertionError(f"the deployment did not serve within {timeout_s}s")
+    raise AssertionError(f"the deployment did not serve within {timeout_s}s; last: {last!r}")
 
 
 def _wait_for_replacement(handle, before: dict, model_dir: Path) -> None:  # type: ignore[no-untyped-def]
     """A new replica (new rank 0 and new ranks) serves TP=1-equal output; the old is gone."""
     deadline = time.monotonic() + 120
+    last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            request = {"request_id": f"after-{time.time()}", "prompt": PROMPTS[0], "params": GREEDY}
-            tokens, replicas = run(collect(handle, request), 30)
-        except Exception:
+            probe = request(f"after-{time.time()}", PROMPTS[0], **GREEDY)
+            tokens, replicas = run(collect(handle, probe), 30)
+        except Exception as exc:  # any failure while the replica is replaced: retry
+            last = exc
             time.sleep(1)
             continue
         if before["replica_id"] not in replicas:
@@ -177,4 +186,4 @@ def _wait_for_replacement(handle, before: dict, model_dir: Path) -> None:  # typ
                 ray.get_actor(before["replica_actor"], namespace="serve")
             return
         time.sleep(1)
-    raise AssertionError("the replica was not replaced within 120 s")
+    raise AssertionError(f"the replica was not replaced within 120 s; last error: {last!r}")

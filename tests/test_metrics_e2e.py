@@ -9,10 +9,13 @@ a small KV cache that forces preemption, and a queue in the shared pool.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import re
 import shutil
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -121,13 +124,56 @@ def traffic(ray_cluster, tiny_model_dir: Path) -> dict:
         build_from_config(metrics_config(tiny_model_dir)), name="tiered", route_prefix="/"
     )
     base_url = f"http://127.0.0.1:{ray_cluster.serve_port}/v1"
-    tiers = send_traffic(base_url)
-    yield {"tiers": tiers, "ports": ray_cluster.metrics_ports, "base_url": base_url}
+    ports = ray_cluster.metrics_ports
+    with sampling(ports, "tiered_reservation_utilization", tenant=ACME) as reservation:
+        tiers = send_traffic(base_url)
+    yield {"tiers": tiers, "ports": ports, "base_url": base_url, "reservation": reservation}
     serve.delete("tiered")
 
 
 def scrape(ports: list[int]) -> str:
     return "\n".join(httpx.get(f"http://127.0.0.1:{p}/metrics", timeout=10).text for p in ports)
+
+
+def values(text: str, name: str, **labels: str) -> list[float]:
+    """The values of the samples of `name` (exactly: no histogram parts) with `labels`."""
+    return [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(f"ray_{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items())
+    ]
+
+
+def poll_values(
+    ports: list[int], want: list[float], name: str, timeout_s: float = 30, **labels: str
+) -> list[float]:
+    """Scrape until `name`'s values read `want` (a gauge lags its source by the export and
+    report intervals), or the deadline passes; returns the values last read."""
+    deadline = time.monotonic() + timeout_s
+    while (seen := values(scrape(ports), name, **labels)) != want and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return seen
+
+
+@contextlib.contextmanager
+def sampling(ports: list[int], name: str, **labels: str) -> Iterator[list[float]]:
+    """Scrape the agents every half second while the block runs; yields the values seen."""
+    seen: list[float] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(httpx.HTTPError):
+                seen.extend(values(scrape(ports), name, **labels))
+            stop.wait(0.5)
+
+    sampler = threading.Thread(target=sample, name="metrics-sampler", daemon=True)
+    sampler.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        sampler.join(timeout=30)
 
 
 SAMPLE = re.compile(r"^(?P<name>ray_tiered_\w+?)(?:_bucket|_sum|_count)?\{(?P<labels>[^}]*)\}")
@@ -165,15 +211,14 @@ def wait_for_all_series(ports: list[int], deadline_s: float = 60.0) -> dict:
 
 def _ours_exported(found: dict) -> bool:
     """This module's traffic has reached the agents (other apps' series are there already):
-    its three tenants, both its pools, and acme's spill."""
+    its three tenants and the 401's "unknown", both its pools, and acme's spill."""
     tenants = {s.get("tenant") for name in found for s in found[name]}
     pools = {s["pool"] for s in found.get("tiered_replica_seconds_total", [])}
     spill = {
         s.get("tenant") for s in found.get("tiered_tokens_total", []) if s.get("tier") == "spill"
     }
-    return {ACME, GLOBEX, LIMITED} <= tenants and {MODEL, f"dedicated:{ACME}"} <= pools and (
-        ACME in spill
-    )
+    ours = {ACME, GLOBEX, LIMITED, "unknown"} <= tenants
+    return ours and {MODEL, f"dedicated:{ACME}"} <= pools and ACME in spill
 
 
 def test_every_catalogue_metric_is_exported_with_bounded_labels(traffic: dict) -> None:
@@ -205,20 +250,23 @@ def test_prefix_hits_preemption_and_spill_are_counted(traffic: dict) -> None:
     text = scrape(traffic["ports"])
 
     def total(name: str, **labels: str) -> float:
-        value = 0.0
-        for line in text.splitlines():
-            if line.startswith(f"ray_{name}{{") and all(
-                f'{k}="{v}"' in line for k, v in labels.items()
-            ):
-                value += float(line.rsplit(" ", 1)[1])
-        return value
+        return sum(values(text, name, **labels))
 
     assert total("tiered_prefix_cache_hits_total") > 0
     assert total("tiered_engine_preemptions_total") > 0
     assert total("tiered_spill_requests_total", tenant=ACME) >= 1
     assert total("tiered_spill_tokens_total", tenant=ACME) > 0
-    assert total("tiered_reservation_utilization", tenant=ACME) >= 0
     assert total("tiered_replica_hour_price", pool=f"dedicated:{ACME}") == 8.0
+    # Reservation use is exported for the dedicated tenant only. Acme spilled, which it
+    # does only with every reserved seat taken: while its traffic ran the gauge read 1.0
+    # (its streams start and end together, so the full stretch is most of its traffic);
+    # once the traffic is over every seat is back: 0.
+    sampled = traffic["reservation"]
+    assert sampled and all(0.0 <= v <= 1.0 for v in sampled), sampled
+    assert 1.0 in sampled, f"acme's reservation never read full while it spilled: {sampled}"
+    assert not values(text, "tiered_reservation_utilization", tenant=GLOBEX)
+    now = poll_values(traffic["ports"], [0.0], "tiered_reservation_utilization", tenant=ACME)
+    assert now == [0.0], f"acme's reservation after its traffic ended: {now}"
 
 
 RAY_LABELS = re.compile(r'(SessionName|NodeAddress|Version|Component|WorkerId|JobId)="[^"]*",?')
@@ -315,13 +363,24 @@ def check_status_command(url: str) -> None:
     from rich.console import Console
 
     from cli.status import collect, render
+    from tests.prometheus_server import query
 
-    snap = collect(url, window="5m")
+    # The traffic is over: acme's seats are all back, once that reaches Prometheus.
+    deadline = time.monotonic() + 30
+    while (snap := collect(url, window="5m")).tenants[ACME].get("reservation") != 0.0:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert {MODEL, f"dedicated:{ACME}"} <= set(snap.pools)
     ours = {k: v for k, v in snap.replicas.items() if k[0] in (MODEL, f"dedicated:{ACME}")}
     assert all(r.get("up") == 1 for r in ours.values()) and len(ours) == 2, ours
     assert {ACME, GLOBEX} <= set(snap.tenants)
-    assert snap.tenants[ACME]["ttft_p99"] > 0 and snap.tenants[ACME]["reservation"] >= 0
+    assert snap.tenants[ACME]["ttft_p99"] > 0
+    assert snap.tenants[ACME].get("reservation") == 0.0, snap.tenants[ACME]
+    assert "reservation" not in snap.tenants[GLOBEX], snap.tenants[GLOBEX]  # shared: none
+    # ... and while the traffic Prometheus watched ran, they were all taken (acme spilled).
+    peak = query(url, f'max_over_time(ray_tiered_reservation_utilization{{tenant="{ACME}"}}[5m])')
+    assert [float(r["value"][1]) for r in peak] == [1.0], peak
     console = Console(width=160, record=True)
     console.print(render(snap))
     text = console.export_text()

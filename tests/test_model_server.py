@@ -13,11 +13,21 @@ from pathlib import Path
 import pytest
 import ray
 from ray import serve
+from ray.exceptions import ActorDiedError
 from ray.util import placement_group_table
 
 from deployments.config.models import ConfigError, ModelSpec, ReplicaSpec
 from deployments.replicas.model_server import WORKER_NAMESPACE, model_server_deployment
-from tests.ray_fixtures import GREEDY, collect, deploy, in_process_greedy, run, wait_idle
+from tests.ray_fixtures import (
+    GREEDY,
+    LONG,
+    collect,
+    deploy,
+    in_process_greedy,
+    request,
+    run,
+    wait_idle,
+)
 
 HOOK_KEYS = {"num_running", "num_waiting", "kv_usage", "prefix_hit_rate", "max_num_seqs"}
 
@@ -30,12 +40,19 @@ def pair(ray_cluster, tiny_model_dir: Path):  # type: ignore[no-untyped-def]
     serve.delete("pair")
 
 
-def _replica_actor(handle, replica_id: str):  # type: ignore[no-untyped-def]
-    """Serve's own actor for one replica: the object its router and metrics code call."""
-    while True:
+def _replica_actors(handle, count: int, timeout_s: float = 30) -> dict:  # type: ignore[no-untyped-def]
+    """Serve's own actor of each of `count` replicas (replica id -> actor): the objects its
+    router and metrics code call. Learnt while the replicas are idle: the router sends a
+    `stats` call to the less loaded replica, so a busy one may not answer it for as long
+    as it is busy."""
+    deadline = time.monotonic() + timeout_s
+    names: dict[str, str] = {}
+    while len(names) < count:
+        assert time.monotonic() < deadline, f"only replicas {sorted(names)} answered stats"
         stats = handle.stats.remote().result(timeout_s=30)
-        if stats["replica_id"] == replica_id:
-            return ray.get_actor(stats["replica_actor"], namespace="serve")
+        names[stats["replica_id"]] = stats["replica_actor"]
+        time.sleep(0.05)
+    return {r: ray.get_actor(name, namespace="serve") for r, name in names.items()}
 
 
 def test_two_replicas_serve_concurrent_streams(pair, tiny_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
@@ -45,7 +62,7 @@ def test_two_replicas_serve_concurrent_streams(pair, tiny_model_dir: Path) -> No
     async def together() -> list[tuple[list[int], set[str]]]:
         return await asyncio.gather(
             *(
-                collect(pair, {"request_id": f"c{i}", "prompt": p, "params": GREEDY})
+                collect(pair, request(f"c{i}", p, **GREEDY))
                 for i, p in enumerate(prompts)
             )
         )
@@ -57,12 +74,9 @@ def test_two_replicas_serve_concurrent_streams(pair, tiny_model_dir: Path) -> No
 
 def test_cancel_frees_kv_blocks(pair) -> None:  # type: ignore[no-untyped-def]
     async def cancel_midway() -> str:
-        request = {
-            "request_id": "cancel-me",
-            "prompt": list(range(50, 150)),
-            "params": {"max_tokens": 1500, "temperature": 0.0, "ignore_eos": True},
-        }
-        stream = pair.options(stream=True).generate.remote(request)
+        stream = pair.options(stream=True).generate.remote(
+            request("cancel-me", list(range(50, 150)), **LONG)
+        )
         async for served in stream:
             stream.cancel()
             return served.replica_id
@@ -75,26 +89,21 @@ def test_cancel_frees_kv_blocks(pair) -> None:  # type: ignore[no-untyped-def]
 def test_serve_hooks_publish_engine_stats(pair) -> None:  # type: ignore[no-untyped-def]
     """Through Serve's replica actor (the path its request router takes): running and KV
     use while a stream is live, prefix hits after a repeated prompt."""
+    actors = _replica_actors(pair, 2)
     prompt = list(range(300, 364))  # 4 full KV blocks: cacheable
     ids = [
-        run(collect(pair, {"request_id": f"p{i}", "prompt": prompt, "params": GREEDY}))[1].pop()
+        run(collect(pair, request(f"p{i}", prompt, **GREEDY)))[1].pop()
         for i in range(4)
     ]
     # four requests on two replicas: one replica served the prompt at least twice
-    hit_rates = [ray.get(_replica_actor(pair, r).record_routing_stats.remote()) for r in set(ids)]
+    hit_rates = [ray.get(actors[r].record_routing_stats.remote()) for r in set(ids)]
     assert all(set(h) >= HOOK_KEYS for h in hit_rates)
     assert max(h["prefix_hit_rate"] for h in hit_rates) > 0
 
     async def busy() -> dict:
-        request = {
-            "request_id": "busy",
-            "prompt": [9] * 40,
-            "params": {"max_tokens": 1500, "temperature": 0.0, "ignore_eos": True},
-        }
-        stream = pair.options(stream=True).generate.remote(request)
+        stream = pair.options(stream=True).generate.remote(request("busy", [9] * 40, **LONG))
         async for served in stream:
-            actor = await asyncio.to_thread(_replica_actor, pair, served.replica_id)
-            load = await actor.record_routing_stats.remote()
+            load = await actors[served.replica_id].record_routing_stats.remote()
             stream.cancel()
             return load
         raise AssertionError("no output")
@@ -116,12 +125,12 @@ def test_graceful_drain_then_release(ray_cluster, tiny_model_dir: Path) -> None:
         tokens: list[int] = []
         try:
             async for served in handle.options(stream=True).generate.remote(
-                {"request_id": name, "prompt": [3, 4, 5], "params": params}
+                request(name, [3, 4, 5], **params)
             ):
                 tokens += [t for d in served.output.deltas for t in d.token_ids]
                 started.set()
             outcome[name] = len(tokens)
-        except Exception as exc:
+        except ActorDiedError as exc:  # Serve killed the replica at the drain timeout
             outcome[name] = exc
 
     async def main() -> float:
@@ -141,7 +150,7 @@ def test_graceful_drain_then_release(ray_cluster, tiny_model_dir: Path) -> None:
 
     took = run(main(), timeout=90)
     assert outcome["short"] == 20, f"the short stream did not complete in the drain: {outcome}"
-    assert isinstance(outcome["long"], Exception), f"the long stream was not ended: {outcome}"
+    assert isinstance(outcome["long"], ActorDiedError), f"the long stream was not ended: {outcome}"
     assert took < 30
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:

@@ -16,7 +16,7 @@ class ClosingStreamingResponse(StreamingResponse):
     for that.
     """
 
-    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+    async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:

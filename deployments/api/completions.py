@@ -83,9 +83,8 @@ async def respond(
 ) -> Response:
     """The first output decides the status (an engine error before it is the request's
     error); then a body, or an SSE stream that closes the claim when it ends."""
-    outputs: DeploymentResponseGenerator = handle.options(stream=True).generate.remote(
-        served.job
-    )
+    outputs = handle.options(stream=True).generate.remote(served.job)
+    assert isinstance(outputs, DeploymentResponseGenerator)  # stream=True above
     try:
         first: ServedOutput = await outputs.__anext__()
     except BaseException as exc:

@@ -60,7 +60,7 @@ def _include_usage(req: OpenAIRequest) -> bool:
 
 @serve.ingress(app)
 class Ingress:
-    async def __init__(
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async __init__
         self,
         config: dict,
         handles: dict[str, DeploymentHandle],

@@ -23,7 +23,7 @@ TOKEN_LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.
 E2E_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0]
 QUEUE_WAIT_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                       30.0, 60.0]  # fmt: skip
-BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+BATCH_BUCKETS: list[float] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 
 # name -> (kind, description, label keys, histogram boundaries)
 CATALOGUE: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
@@ -104,6 +104,7 @@ def _metric(name: str) -> Any:
         return metrics.Counter(name, description=description, tag_keys=tags)
     if kind == "gauge":
         return metrics.Gauge(name, description=description, tag_keys=tags)
+    assert buckets is not None, f"histogram {name} has no boundaries in the catalogue"
     return metrics.Histogram(name, description=description, boundaries=buckets, tag_keys=tags)
 
 

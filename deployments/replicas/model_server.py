@@ -55,7 +55,7 @@ T = TypeVar("T")
 class ModelServer:
     """A Serve replica wrapping AsyncLLMEngine over a TP group."""
 
-    async def __init__(
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async __init__
         self, model: dict, replica: dict, pool: str = "shared", report: bool = False
     ) -> None:
         started = time.monotonic()
@@ -94,8 +94,9 @@ class ModelServer:
         bundles = replica_bundles(self.spec, self.replica)
         pg = get_current_placement_group()
         address = rendezvous_address()  # on rank 0's node, so cross-node ranks dial in
+        assert pg is not None, "a TP replica runs in its placement group"
         for rank in range(1, tp):
-            worker = TPWorker.options(
+            worker = TPWorker.options(  # type: ignore[attr-defined]  # a Ray actor class
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=rank
                 ),
@@ -269,7 +270,7 @@ def model_server_deployment(
         if replica.autoscaling
         else {"num_replicas": replica.num_replicas}
     )
-    deployment = serve.deployment(ModelServer).options(
+    deployment = serve.deployment(ModelServer).options(  # type: ignore[attr-defined]
         name=name,
         **scaling,
         max_ongoing_requests=replica.max_ongoing_requests,

@@ -15,7 +15,7 @@ import ray
 from models.engine_config import EngineConfig
 
 
-@ray.remote(max_concurrency=4)
+@ray.remote(max_concurrency=4)  # type: ignore[call-overload]  # stub lacks max_concurrency
 class TPWorker:
     def __init__(self, rank: int) -> None:
         self.rank = rank

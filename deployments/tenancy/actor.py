@@ -25,7 +25,7 @@ from deployments.tenancy.types import (
 )
 
 
-@ray.remote(num_cpus=0, max_concurrency=10_000, max_restarts=-1)
+@ray.remote(num_cpus=0, max_concurrency=10_000, max_restarts=-1)  # type: ignore[call-overload]
 class AdmissionActor(AdmissionState):
     """The shared instance. Async actor: waiters in the fair queue cost no threads."""
 

@@ -198,8 +198,14 @@ class AdmissionState:
 
     def _settle(self, claim_id: str, actual_tokens: int) -> bool:
         now = time.monotonic()
+        self._forgotten.pop(claim_id, None)  # re-inserted last: the dict stays in time order
         self._forgotten[claim_id] = now
-        for old in [c for c, at in self._forgotten.items() if now - at > FORGET_AFTER_S]:
+        expired = []
+        for old, at in self._forgotten.items():  # oldest first; stop at the first kept
+            if now - at <= FORGET_AFTER_S:
+                break
+            expired.append(old)
+        for old in expired:
             del self._forgotten[old]
         claim = self.claims.pop(claim_id, None)
         if claim is None:

@@ -31,6 +31,8 @@ from deployments.tenancy.types import (
     Admission,
     AdmissionConfig,
     AdmissionRequest,
+    AdmissionSnapshot,
+    HeartbeatReply,
     HeldClaim,
     UsageRecord,
 )
@@ -159,7 +161,9 @@ class AdmissionClient:
         if not self.available:
             raise AdmissionUnavailable
         try:
-            snapshot = await asyncio.wait_for(self.actor.snapshot.remote(), RPC_TIMEOUT_S)
+            snapshot: AdmissionSnapshot = await asyncio.wait_for(
+                self.actor.snapshot.remote(), RPC_TIMEOUT_S
+            )
         except (RayActorError, TimeoutError) as exc:
             self._lost(exc)
             raise AdmissionUnavailable from None
@@ -178,7 +182,7 @@ class AdmissionClient:
     async def _beat(self) -> None:
         for claim_id, usage in list(self.unacknowledged.items()):
             await self._send_finish(claim_id, usage)
-        reply = await asyncio.wait_for(
+        reply: HeartbeatReply = await asyncio.wait_for(
             self.actor.ingress_heartbeat.remote(self.owner, list(self.held.values())),
             RPC_TIMEOUT_S,
         )

@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from deployments.tenancy.types import RateLimitStatus, Refusal
+from deployments.tenancy.types import RateLimitStatus, Refusal, RefusalReason
 
 WINDOW_S = 60.0
 DEFAULT_TTL_S = 900.0
@@ -94,7 +94,8 @@ class RateLimitState:
         now = time.monotonic() if now is None else now
         state = self._state(tenant, now)
         tokens = max(0, tokens)
-        reason, retry, too_large = None, 0.0, False
+        reason: RefusalReason | None = None
+        retry, too_large = 0.0, False
         if lim.max_concurrency is not None and len(state.open) >= lim.max_concurrency:
             reason, retry = "concurrency", CONCURRENCY_RETRY_S
         elif lim.rpm is not None and len(state.window) >= lim.rpm:
@@ -130,7 +131,9 @@ class RateLimitState:
     def settle(self, reservation_id: int | None, actual_tokens: int) -> None:
         """Replace the reservation by the tokens really used and free the slot. Settling an
         unknown, already settled or TTL-reclaimed reservation is a no-op."""
-        tenant = self._owner.pop(reservation_id, None) if reservation_id is not None else None
+        if reservation_id is None:
+            return
+        tenant = self._owner.pop(reservation_id, None)
         if tenant is None:
             return
         state = self._tenants[tenant]
