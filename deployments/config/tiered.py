@@ -50,7 +50,8 @@ class TieredConfig(BaseModel):
     """The whole YAML. Key lists are typed KeyHash and tenants go through check_tenants so
     that a malformed or doubly listed hash fails at load rather than becoming a key."""
 
-    model_config = ConfigDict(extra="forbid")
+    # No input value in any error: a plaintext key or a state.url password must not leak.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     models: list[ModelSpec] = Field(min_length=1)
     tenants: Tenants = []

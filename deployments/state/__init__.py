@@ -1,0 +1,1 @@
+"""The durable state store: one engine, one schema, one migration history (ledger first)."""

@@ -1,0 +1,1 @@
+"""Alembic environment of the state store (script_location: deployments.state:migrations)."""

@@ -1,0 +1,94 @@
+"""The tables, as SQLAlchemy declarative models. Migrations (not `create_all`) build them:
+a change here needs a new revision under migrations/versions.
+
+Times are timezone-aware UTC everywhere. SQLite has no timestamp-with-zone type, so
+`UTCDateTime` converts to UTC on the way in and labels results UTC on the way out; both
+dialects then store the same instant and compare it the same way.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Dialect,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    func,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+# Deterministic constraint names, so later (batch) migrations can name what they alter.
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """DateTime(timezone=True) that refuses naive values and always returns UTC."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: the state store takes timezone-aware UTC times")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class LedgerRow(Base):
+    """One finished request, as billing reads it. `request_id` makes writes idempotent."""
+
+    __tablename__ = "ledger"
+
+    request_id: Mapped[str] = mapped_column(String, primary_key=True)
+    tenant: Mapped[str] = mapped_column(String)
+    model: Mapped[str] = mapped_column(String)
+    adapter: Mapped[str | None] = mapped_column(String, nullable=True)  # LoRA, later
+    tier: Mapped[str] = mapped_column(String)  # "dedicated" | "shared"
+    spill: Mapped[bool] = mapped_column(Boolean)
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    cached_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    ended_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    status: Mapped[str] = mapped_column(String)  # "ok" | "client_disconnect" | "error"
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=func.now())
+
+    __table_args__ = (
+        Index("ix_ledger_tenant_ended_at", "tenant", "ended_at"),
+        Index("ix_ledger_ended_at", "ended_at"),
+    )
+
+
+class ReservationSecondsRow(Base):
+    """Replica-seconds a dedicated tenant's reserved replicas were alive, per UTC hour."""
+
+    __tablename__ = "reservation_seconds"
+
+    tenant: Mapped[str] = mapped_column(String, primary_key=True)
+    replica_id: Mapped[str] = mapped_column(String, primary_key=True)
+    hour: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)  # the hour's start
+    model: Mapped[str] = mapped_column(String)
+    seconds: Mapped[float] = mapped_column(Float)
