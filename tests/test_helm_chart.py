@@ -4,6 +4,7 @@ and the RayService's Serve config and worker groups checked like the `ray up` pa
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import helm_python as helm
@@ -158,10 +159,17 @@ def test_worker_groups_too_small_for_a_reservation_are_caught() -> None:
         ({"tiered": {"node_types": {"x": {"resources": {"CPU": 1}, "max_workers": 1}}}},
          "node_types"),
         ({"service": {"port": 0}}, "/service/port"),
+        ({"state": {"existingSecret": "Tiered_State"}}, "/state/existingSecret"),
+        ({"state": {"existingSecret": "tiered-state."}}, "/state/existingSecret"),
+        ({"state": {"existingSecret": "s" * 254}}, "/state/existingSecret"),
+        ({"state": {"existingSecret": "tiered-state", "existingSecretKey": ""}},
+         "/state/existingSecretKey"),
+        ({"state": {"url": "sqlite+aiosqlite:///tiered.db"}}, "'url' not allowed"),
     ],
     ids=["no-model", "model-without-path", "negative-reservation", "negative-replicas",
          "negative-workers", "group-name-not-dns", "node-types-outside-worker-groups",
-         "bad-port"],
+         "bad-port", "state-secret-not-dns", "state-secret-trailing-dot",
+         "state-secret-too-long", "state-secret-key-empty", "state-url-as-a-value"],
 )  # fmt: skip
 def test_schema_rejects_bad_values(values: dict, message: str) -> None:
     with pytest.raises(helm.HelmValuesError, match=message):
@@ -205,3 +213,112 @@ def test_monitoring_objects_carry_the_generated_rules_and_dashboards() -> None:
     }
     ingress = one(docs, "Ingress")
     assert ingress["spec"]["rules"][0]["host"] == "llm.example.internal"
+
+
+STATE_SECRET = {"state": {"existingSecret": "tiered-state"}}
+STATE_ENV = "TIERED_STATE_URL"
+
+
+def ray_containers(docs: list[dict]) -> dict[str, dict]:
+    """Every Ray container of the RayService (head, then one per worker group)."""
+    cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    pods = {"head": cluster["headGroupSpec"]["template"]["spec"]}
+    pods |= {g["groupName"]: g["template"]["spec"] for g in cluster["workerGroupSpecs"]}
+    out = {}
+    for pod, spec in pods.items():
+        for container in spec["containers"]:
+            out[f"{pod}/{container['name']}"] = container
+    return out
+
+
+def state_env(container: dict) -> list[dict]:
+    return [e for e in container.get("env", []) if e["name"] == STATE_ENV]
+
+
+@pytest.mark.parametrize(
+    ("state", "key"),
+    [({"existingSecret": "tiered-state"}, "url"),
+     ({"existingSecret": "db.creds", "existingSecretKey": "state-url"}, "state-url")],
+    ids=["default-key", "own-key"],
+)  # fmt: skip
+def test_every_ray_container_reads_the_state_url_from_the_secret(state: dict, key: str) -> None:
+    """The ingress replicas and the admission actor may run on any Ray pod: the head and
+    every worker group get TIERED_STATE_URL, from the Secret alone."""
+    containers = ray_containers(render({**GPU_VALUES, "state": state}))
+    assert sorted(containers) == [
+        "dedicated-acme/ray-worker",
+        "head/ray-head",
+        "shared-gpu/ray-worker",
+    ]
+    for name, container in containers.items():
+        assert state_env(container) == [
+            {"name": STATE_ENV,
+             "valueFrom": {"secretKeyRef": {"name": state["existingSecret"], "key": key}}}
+        ], name  # fmt: skip
+        keys = [e for e in container["env"] if e["name"] == "TIERED_API_KEYS_FILE"]
+        assert keys == [{"name": "TIERED_API_KEYS_FILE", "value": KEYS_FILE}], name
+
+
+@pytest.mark.parametrize("values", [None, GPU_VALUES], ids=["default", "gpu"])
+def test_without_a_secret_no_container_gets_a_state_url(values: dict | None) -> None:
+    docs = render(values)
+    assert all(state_env(c) == [] for c in ray_containers(docs).values())
+    assert STATE_ENV not in yaml.safe_dump_all(docs)
+    notes = notes_of(values)
+    assert "WARNING: no state store configured" in notes and "usage is lost" in notes
+
+
+def notes_of(values: dict | None) -> str:
+    manifests = helm.Chart.load(CHART).render(values or {}, name="demo", namespace="llm")
+    return manifests["tiered/templates/NOTES.txt"]
+
+
+def test_notes_name_the_state_secret() -> None:
+    notes = notes_of({**GPU_VALUES, **STATE_SECRET})
+    assert "WARNING" not in notes
+    assert "TIERED_STATE_URL from Secret tiered-state\n(key url)" in notes
+
+
+def test_no_manifest_holds_the_state_url() -> None:
+    """The URL (and its password) lives in the Secret only: no ConfigMap, no Serve config
+    (the RayService's serveConfigV2), no plain env value carries one; a password-less
+    tiered.state passes through into the Tiered config."""
+    state = {"migrate": True, "url": "postgresql+psycopg://tiered@pg.db.svc:5432/tiered"}
+    values = {**GPU_VALUES, **STATE_SECRET, "tiered": {**GPU_VALUES["tiered"], "state": state}}
+    docs = render(values)
+    secret_in_url = re.compile(r"://[^/@\s]*:[^/@\s]*@")
+    for doc in docs:
+        assert not secret_in_url.search(yaml.safe_dump(doc)), doc["kind"]
+    assert not [
+        d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "tiered-state"
+    ]
+    assert len([d for d in docs if d["kind"] == "ConfigMap"]) == 3
+    serve_config = yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])
+    app = serve_config["applications"][0]
+    assert app["runtime_env"] == {"env_vars": {"TIERED_API_KEYS_FILE": KEYS_FILE}}
+    assert app["args"]["tiered"]["state"] == state
+    containers = ray_containers(docs).values()
+    assert all("value" not in e for c in containers for e in state_env(c))
+    assert sum(len(state_env(c)) for c in containers) == 3
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql+psycopg://tiered:hunter2-pw@pg.db.svc:5432/tiered",
+     "postgresql+psycopg://:hunter2-pw@pg:5432/tiered",
+     "postgresql+psycopg://pg:5432/tiered?user=tiered&password=hunter2-pw"],
+    ids=["userinfo", "empty-user", "query"],
+)  # fmt: skip
+def test_schema_refuses_a_password_in_the_tiered_config(url: str) -> None:
+    """tiered.state is rendered into the RayService in plain text: a URL with a password
+    is refused, and the refusal does not repeat it."""
+    values = {"tiered": {**GPU_VALUES["tiered"], "state": {"url": url}}}
+    with pytest.raises(helm.HelmValuesError, match="/tiered/state/url") as refused:
+        render(values)
+    assert "hunter2" not in str(refused.value)
+
+
+def test_lint_with_a_state_secret() -> None:
+    report = helm.lint(str(CHART), {**GPU_VALUES, **STATE_SECRET}, strict=False)
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []

@@ -49,13 +49,25 @@ applications:
         TIERED_API_KEYS_FILE: /etc/tiered/keys/keys.yaml
 {{- end -}}
 
-{{/* The pod parts every Ray container shares: image, keys, metrics port. */}}
+{{/* The pod parts every Ray container shares: image, keys, state store URL. The URL
+     comes from the Secret alone (secretKeyRef), never a value in a manifest, and goes to
+     head and workers alike: the ingress replicas and the admission actor may run on any
+     Ray pod. */}}
 {{- define "tiered.container" -}}
 image: "{{ .Values.image.repository }}:{{ .Values.image.tag }}"
 imagePullPolicy: {{ .Values.image.pullPolicy }}
 env:
   - name: TIERED_API_KEYS_FILE
     value: /etc/tiered/keys/keys.yaml
+{{- with .Values.state }}
+{{- if .existingSecret }}
+  - name: TIERED_STATE_URL
+    valueFrom:
+      secretKeyRef:
+        name: {{ .existingSecret | quote }}
+        key: {{ .existingSecretKey | default "url" | quote }}
+{{- end }}
+{{- end }}
 volumeMounts:
   - name: api-keys
     mountPath: /etc/tiered/keys
