@@ -4,8 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
+# Where `make serve` keeps its SQLite ledger (tiered.db): kept across restarts.
+TIERED_STATE_DIR ?= $(CURDIR)/.state
+export TIERED_STATE_DIR
 
-.PHONY: serve test lint typecheck bench install clean
+.PHONY: serve usage test lint typecheck bench install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +25,9 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/tiered serve
 
+usage: $(STAMP)  # the billing report of make serve's ledger; e.g. make usage ARGS="--format csv"
+	$(VENV)/bin/tiered usage $(ARGS)
+
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
@@ -37,6 +43,8 @@ bench: $(STAMP)
 	$(PY) -m bench.engine_bench
 	$(PY) -m bench.replica_bench
 	$(PY) -m bench.admission_bench
+	$(PY) -m bench.ledger_bench
+	$(PY) -m bench.ledger_path_bench
 	for s in throughput_sweep p3_overhead p4_isolation p5_fairness p6_prefix p7_autoscale; do \
 		$(VENV)/bin/tiered bench run $$s --no-progress || exit 1; done
 	$(VENV)/bin/tiered bench run p4_isolation --pinned --no-progress

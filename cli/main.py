@@ -40,13 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     from bench import command as bench_command
-    from cli import render, serve, status
+    from cli import render, serve, status, usage
 
     return [
         serve.register,
         status.register,
         render.register,
         bench_command.register,
+        usage.register,
     ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import signal
 import sys
 import threading
@@ -14,6 +15,7 @@ from rich.table import Table
 
 from deployments.config.models import ConfigError
 from deployments.config.tiered import DEFAULT_CONFIG, TieredConfig, load_config
+from deployments.state.config import StateSpec, redact, resolve_state_spec
 
 # Plaintext of the demo keys whose hashes ship in cluster/serve-default.yaml.
 DEMO_KEYS = {
@@ -43,10 +45,35 @@ def check_config(config_path: Path) -> TieredConfig | None:
     return config
 
 
+async def _open_and_close(spec: StateSpec) -> None:
+    from deployments.state.store import StateStore
+
+    store = await StateStore.open(spec)
+    await store.close()
+
+
+def check_state(config: TieredConfig) -> StateSpec | None:
+    """The ledger's database reachable (within state.connect_timeout_s) and migrated, or
+    refused with its reason, before Ray starts; None after a one-line error."""
+    from deployments.state.errors import StateError
+
+    try:
+        spec = resolve_state_spec(config.state)
+        asyncio.run(_open_and_close(spec))
+    except (ValueError, StateError) as exc:  # a bad $TIERED_STATE_URL, unreachable, schema
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return None
+    return spec
+
+
 def serve_forever(config_path: Path, host: str, port: int, num_cpus: int) -> int:
     config = check_config(config_path)
     if config is None:
         return 2
+    state = check_state(config)
+    if state is None:
+        return 2
+    config = config.model_copy(update={"state": state})  # deploy what was checked
     import ray
     from ray import serve
 
@@ -57,7 +84,8 @@ def serve_forever(config_path: Path, host: str, port: int, num_cpus: int) -> int
     for model in config.models:
         with console.status(f"preparing model {model.name} ({model.path})"):
             resolve_model_path(model.path)
-    ray.init(num_cpus=num_cpus, include_dashboard=False)
+    # "local": always a new instance, never a cluster already running on this machine.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
     serve.start(http_options={"host": host, "port": port})
     with console.status("deploying replicas (first start loads the model on every rank)"):
         serve.run(build_from_config(config), name="tiered", route_prefix="/")
@@ -70,9 +98,13 @@ def serve_forever(config_path: Path, host: str, port: int, num_cpus: int) -> int
             table.add_row(tenant, key)
     console.print(table)
     console.print(
+        f"Usage ledger: {redact(state.url)}  (tiered usage, GET /admin/usage)", soft_wrap=True
+    )
+    console.print(
         f"Try:  curl {url}/chat/completions -H 'Authorization: Bearer tk-demo-globex-shared' "
         "-H 'Content-Type: application/json' "
-        """-d '{"model": "tiny-llama", "messages": [{"role": "user", "content": "Hello"}]}'"""
+        """-d '{"model": "tiny-llama", "messages": [{"role": "user", "content": "Hello"}]}'""",
+        soft_wrap=True,  # one line to copy, however narrow the terminal
     )
     console.print("Ctrl-C to stop.")
     stop = threading.Event()
@@ -80,6 +112,9 @@ def serve_forever(config_path: Path, host: str, port: int, num_cpus: int) -> int
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     stop.wait()
     console.print("shutting down…")
+    # The app first, while the proxies still answer: in-flight responses reach their
+    # clients and each ingress commits its usage records before it stops.
+    serve.delete("tiered")
     serve.shutdown()
     ray.shutdown()
     return 0

@@ -12,7 +12,7 @@ from typing import Any
 
 from ray import serve
 
-from deployments.api.ingress import Ingress
+from deployments.api.ingress import DRAIN_TIMEOUT_S, Ingress
 from deployments.config.plan import INGRESS_DEPLOYMENT, deployment_plan
 from deployments.config.tiered import TieredConfig, load_config, parse_config
 from deployments.replicas.model_server import model_server_app
@@ -32,6 +32,8 @@ def build_from_config(config: TieredConfig) -> serve.Application:
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=1000,
         health_check_period_s=INGRESS_HEARTBEAT_S,  # also its heartbeat to admission
+        # In-flight streams end, then __del__ commits this replica's usage.
+        graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S + 20,
     )
     return ingress.bind(config.model_dump(), handles)
 

@@ -46,11 +46,14 @@ def render_serve_config(
 
     The Helm chart emits this shape without the deployments section (its templates do
     not reimplement the replica options; the app builder sets the same ones)."""
+    tiered = config.model_dump(mode="json", exclude_none=True)
+    if "url" not in config.state.model_fields_set:  # this machine's default path: the
+        del tiered["state"]["url"]  # cluster picks its own (TIERED_STATE_URL, state dir)
     app: dict[str, Any] = {
         "name": APP_NAME,
         "route_prefix": "/",
         "import_path": IMPORT_PATH,
-        "args": {"tiered": config.model_dump(mode="json", exclude_none=True)},
+        "args": {"tiered": tiered},
     }
     if with_deployment_options:
         app["deployments"] = deployment_options(config)

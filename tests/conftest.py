@@ -26,7 +26,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tiny_model_dir: Path):
+def ray_cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """A two-node local Ray cluster (ray.cluster_utils.Cluster) with Serve, for the session.
 
     Logical CPUs exceed the box's 2 cores on purpose: replicas reserve CPUs per TP rank.
@@ -38,6 +38,8 @@ def ray_cluster(tiny_model_dir: Path):
     from ray import serve
     from ray.cluster_utils import Cluster
 
+    # Each app's ledger defaults to a SQLite file under the state dir: one per session.
+    os.environ["TIERED_STATE_DIR"] = str(tmp_path_factory.mktemp("tiered-state"))
     metrics_ports = [free_port(), free_port()]
     cluster = Cluster(
         initialize_head=True,
@@ -52,7 +54,7 @@ def ray_cluster(tiny_model_dir: Path):
         num_cpus=6, resources={"node_worker": 100}, metrics_export_port=metrics_ports[1]
     )
     cluster.metrics_ports = metrics_ports
-    env = {"TIERED_CACHE_DIR": os.environ["TIERED_CACHE_DIR"]}
+    env = {k: os.environ[k] for k in ("TIERED_CACHE_DIR", "TIERED_STATE_DIR")}
     ray.init(address=cluster.address, runtime_env={"env_vars": env})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

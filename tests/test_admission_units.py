@@ -8,12 +8,18 @@ import asyncio
 import time
 from collections.abc import Coroutine
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from deployments.config.plan import dedicated_replica
 from deployments.config.tenants import DedicatedSpec
+from deployments.state.config import StateSpec
+from deployments.state.ledger import Ledger
+from deployments.state.store import StateStore
+from deployments.state.types import UsageQuery
+from deployments.state.writer import LedgerWriter
 from deployments.tenancy.admission import HEARTBEAT_TTL_S, OWNER_TTL_S, AdmissionState
 from deployments.tenancy.types import (
     AdmissionConfig,
@@ -72,17 +78,25 @@ def test_dedicated_first_then_spill_at_shared_priority_or_refuse() -> None:
     _run(main())
 
 
-def test_finish_frees_the_seat_and_records_usage_once() -> None:
+def test_finish_frees_the_seat_and_records_usage_once(tmp_path: Path) -> None:
+    """Through the real writer into a SQLite ledger: a replayed finish bills nothing."""
+
     async def main() -> None:
+        store = await StateStore.open(StateSpec(url=f"sqlite:///{tmp_path / 'l.db'}"))
         state = AdmissionState(_config(ACME))
+        state.ledger = LedgerWriter(Ledger(store))
+        state.ledger.start()
         await state.admit(_ask("a1", "acme"))
         usage = _usage("a1", "acme", "dedicated", 5, 3)
         assert state.finish("a1", usage) is True
         assert state.finish("a1", usage) is False  # a replay after an outage
-        (row,) = state.snapshot().usage
+        await state.ledger.flush(10)
+        (row,) = await state.ledger.ledger.aggregate(UsageQuery())
         assert (row.requests, row.prompt_tokens, row.completion_tokens) == (1, 5, 3)
         assert state.dedicated["acme"].in_use == 0
         assert (await state.admit(_ask("a2", "acme"))).tier == "dedicated"
+        await state.ledger.stop()
+        await store.close()
 
     _run(main())
 
@@ -268,3 +282,17 @@ def test_finished_ids_are_refused_on_arrival_until_forgotten(
         assert again.admitted, "an id finished long ago still refused"
 
     _run(main())
+
+
+def test_the_actor_admits_with_the_config_it_was_made_with(local_ray) -> None:  # type: ignore[no-untyped-def]
+    """The config given at creation is in force at once, with no configure call: a
+    restarted actor must know the tenants before any ingress calls it again."""
+    from deployments.tenancy.actor import get_admission
+
+    actor = get_admission("units-fresh-actor", _config(GLOBEX, version=7.0))
+    try:
+        assert local_ray.get(actor.ping.remote(), timeout=60) == 7.0
+        admission = local_ray.get(actor.admit.remote(_ask("g1", "globex")), timeout=30)
+        assert admission.admitted, admission.refusal
+    finally:
+        local_ray.kill(actor)

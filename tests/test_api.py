@@ -21,12 +21,15 @@ from ray import serve
 
 from deployments.app import build_from_config
 from deployments.config.tiered import TieredConfig
+from deployments.state.config import state_dir
 from deployments.tenancy.keys import hash_key
-from tests.serve_helpers import wait_until_replica_idle
+from tests.serve_helpers import admin_get, wait_for_usage, wait_until_replica_idle
 
 KEYS = {
     t: f"tk-test-{t}"
-    for t in ("acme", "stark", "globex", "initech", "limited", "metered", "single", "admin")
+    for t in (
+        "acme", "stark", "globex", "initech", "limited", "metered", "single", "billed", "admin"
+    )
 }
 REVOKED = "tk-test-revoked"
 MODEL = "tiny-llama"
@@ -69,11 +72,16 @@ def _config(model_dir: Path) -> TieredConfig:
                 tenant("limited", rpm=20, models=[MODEL]),
                 tenant("metered", tpm=400, models=[MODEL]),
                 tenant("single", max_concurrency=1, models=[MODEL]),
+                tenant("billed", models=[MODEL]),
             ],
             "admin_key_hashes": [hash_key(KEYS["admin"])],
             "revoked_key_hashes": [hash_key(REVOKED)],
             "dispatch": {"queue_deadline_s": 20},
             "ingress": {"num_replicas": 2, "max_body_bytes": 65536},
+            "state": {"url": f"sqlite+aiosqlite:///{state_dir() / 'api.db'}"},
+            "prices": {"tokens": [
+                {"model": MODEL, "tier": "shared", "input_per_1m": 2.0, "output_per_1m": 8.0},
+            ]},
         }
     )
 
@@ -288,13 +296,17 @@ def test_isolation_spill_and_no_spill(base_url: str) -> None:
     assert spilled.parse().service_tier == "shared"
     assert spilled.headers["x-tiered-replica"] in shared_replicas
     assert refused.value.body["code"] == "dedicated_capacity_exceeded"
-    usage = httpx.get(
-        f"{base_url.removesuffix('/v1')}/admin/usage",
-        headers={"Authorization": f"Bearer {KEYS['admin']}"},
-    ).json()["usage"]
-    acme_shared = [u for u in usage if u["tenant"] == "acme" and u["service_tier"] == "shared"]
-    assert acme_shared and acme_shared[0]["spill_requests"] >= 1
-    assert acme_shared[0]["spill_tokens"] > 0
+
+    def acme_shared(report: dict) -> list[dict]:
+        return [r for r in report["rows"] if r["key"]["tier"] == "shared"]
+
+    report = wait_for_usage(
+        base_url.removesuffix("/v1"), KEYS["admin"], lambda r: acme_shared(r),
+        tenant="acme", group_by="tenant,tier",
+    )
+    (row,) = acme_shared(report)
+    assert row["spill_requests"] == row["requests"] >= 1  # acme is shared only by spilling
+    assert row["spill_tokens"] == row["total_tokens"] > 0
 
 
 def test_rpm_holds_across_two_ingress_replicas(base_url: str) -> None:
@@ -382,11 +394,7 @@ def test_heavy_tenant_cannot_starve_a_light_one(base_url: str) -> None:
 
 
 def _queued(base_url: str) -> int:
-    snap = httpx.get(
-        f"{base_url.removesuffix('/v1')}/admin/usage",
-        headers={"Authorization": f"Bearer {KEYS['admin']}"},
-        timeout=10,
-    ).json()
+    snap = admin_get(base_url.removesuffix("/v1"), "/admin/state", KEYS["admin"])
     return snap["pools"][MODEL]["queued"]
 
 
@@ -436,11 +444,7 @@ async def _disconnect_at(base_url: str, tenant: str, stage: str) -> None:
 
 
 def _held(base_url: str) -> dict:
-    snap = httpx.get(
-        f"{base_url.removesuffix('/v1')}/admin/usage",
-        headers={"Authorization": f"Bearer {KEYS['admin']}"},
-        timeout=10,
-    ).json()
+    snap = admin_get(base_url.removesuffix("/v1"), "/admin/state", KEYS["admin"])
     held = {f"pool:{k}": v["in_use"] + v["queued"] for k, v in snap["pools"].items()}
     return held | {f"dedicated:{k}": v["in_use"] for k, v in snap["dedicated"].items()}
 
@@ -468,3 +472,38 @@ def test_disconnects_at_any_stage_leave_no_slot_held(base_url: str) -> None:
     assert not any(held.values()), f"seats still held after every client left: {held}"
     # and the pool still serves
     assert chat(client(base_url, "globex")).parse().choices[0].finish_reason == "length"
+
+
+def test_admin_usage_is_the_priced_ledger_request_by_request(base_url: str) -> None:
+    """What the clients were told they used is what the ledger bills, request by request;
+    tenant keys get 403, bad query parameters a 400 naming the parameter."""
+    root = base_url.removesuffix("/v1")
+    c = client(base_url, "billed")
+    told = [chat(c, max_tokens=3 + i).parse().usage for i in range(3)]
+    prompt = sum(u.prompt_tokens for u in told)
+    completion = sum(u.completion_tokens for u in told)
+    report = wait_for_usage(
+        root, KEYS["admin"], lambda r: r["totals"]["requests"] == 3, tenant="billed",
+    )
+    (row,) = report["rows"]
+    assert row["key"] == {"tenant": "billed", "tier": "shared", "model": MODEL}
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (prompt, completion)
+    assert row["cost"] == pytest.approx((prompt * 2.0 + completion * 8.0) / 1e6)
+    by_day = admin_get(root, "/admin/usage", KEYS["admin"], tenant="billed", group_by="day")
+    assert [r["requests"] for r in by_day["rows"]] == [3]
+    for params, param in [
+        ({"start": "yesterday"}, "start"),
+        ({"group_by": "tenant,colour"}, "group_by"),
+        ({"start": "2026-12-02", "end": "2026-12-01"}, "end"),
+        ({"tenants": "billed"}, "tenants"),
+    ]:
+        bad = httpx.get(f"{root}/admin/usage", params=params,
+                        headers={"Authorization": f"Bearer {KEYS['admin']}"}, timeout=30)
+        assert bad.status_code == 400, bad.text
+        assert bad.json()["error"]["param"] == param
+    for path in ("/admin/usage", "/admin/state"):
+        tenant = httpx.get(
+            f"{root}{path}", headers={"Authorization": f"Bearer {KEYS['billed']}"}, timeout=30
+        )
+        assert tenant.status_code == 403 and tenant.json()["error"]["code"] == "forbidden"
+        assert httpx.get(f"{root}{path}", timeout=30).status_code == 401

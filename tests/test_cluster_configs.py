@@ -83,6 +83,23 @@ def test_render_command_writes_a_deployable_config(tmp_path: Path) -> None:
     assert app["args"]["tiered"]["tenants"][0]["dedicated"]["replica"]["tp_size"] == 8
 
 
+def test_render_leaves_the_default_state_url_to_the_cluster(tmp_path: Path) -> None:
+    """A SQLite path defaulted on the machine that renders (its home, its TIERED_STATE_DIR)
+    means nothing on the cluster's head: only a url the YAML sets is rendered."""
+    from deployments.config.tiered import parse_config
+    from deployments.render import render_serve_config
+
+    data = yaml.safe_load((CLUSTER / "serve-gpu.yaml").read_text())
+    data.pop("state", None)
+    rendered = render_serve_config(
+        parse_config(data, "test", checkpoints=False))["applications"][0]
+    assert "url" not in rendered["args"]["tiered"]["state"]
+    data["state"] = {"url": "postgresql://tiered@db/tiered"}
+    rendered = render_serve_config(
+        parse_config(data, "test", checkpoints=False))["applications"][0]
+    assert rendered["args"]["tiered"]["state"]["url"] == "postgresql+psycopg://tiered@db/tiered"
+
+
 def test_render_command_refuses_what_the_nodes_cannot_hold(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     bad = yaml.safe_load((CLUSTER / "serve-gpu.yaml").read_text())
     bad["node_types"]["dedicated_acme"].update(min_workers=0, max_workers=0)

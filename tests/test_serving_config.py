@@ -223,3 +223,12 @@ def test_deployment_builder_refuses_bad_config_without_touching_ray(ckpt: Path) 
     with pytest.raises(ConfigError, match=r"^shared-m\.tp_size: tp_size=2: a replica needs"):
         model_server_deployment(spec, ReplicaSpec(tp_size=2), "shared-m", nodes=[{"CPU": 1}])
     assert ray.is_initialized() == started
+
+
+def test_the_embedded_default_config_loads_without_a_path() -> None:
+    """`make serve` runs `tiered serve` with no --config: the default must be found."""
+    from deployments.config.tiered import DEFAULT_CONFIG, load_config
+
+    assert DEFAULT_CONFIG.is_file(), DEFAULT_CONFIG
+    config = load_config(checkpoints=False)
+    assert [t.name for t in config.tenants if t.dedicated] == ["acme"]

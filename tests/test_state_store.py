@@ -226,7 +226,7 @@ def test_rows_read_back_through_a_session(state_spec: StateSpec) -> None:  # noq
     async def go() -> LedgerRow | None:
         store = await StateStore.open(state_spec)
         try:
-            await Ledger(store).write([rec("orm", "t", "m", "dedicated", True, 5, 2, 9, ended,
+            await Ledger(store).write([rec("orm", "t", "m", "shared", True, 5, 2, 9, ended,
                                            "client_disconnect")])
             async with store.session() as session:
                 return await session.get(LedgerRow, "orm")
@@ -236,7 +236,7 @@ def test_rows_read_back_through_a_session(state_spec: StateSpec) -> None:  # noq
     row = run(go())
     assert row is not None
     assert (row.tenant, row.model, row.tier, row.spill, row.status, row.adapter) == (
-        "t", "m", "dedicated", True, "client_disconnect", None)
+        "t", "m", "shared", True, "client_disconnect", None)
     assert (row.prompt_tokens, row.cached_tokens, row.completion_tokens) == (5, 2, 9)
     assert row.ended_at == ended and row.ended_at.tzinfo is not None
     assert row.ended_at.utcoffset() == timedelta(0)

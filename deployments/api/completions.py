@@ -146,10 +146,13 @@ async def _sse(
             if out.output.finished:
                 break
             out = await outputs.__anext__()
+        status = "ok"
+        # Finished before the last events go out: a client that has read [DONE] knows
+        # its usage is with admission (and on its way to the ledger).
+        await served.close(status)
         if include_usage:
             yield builder.usage_chunk()
         yield SSE_DONE
-        status = "ok"
     except Exception as exc:  # the replica failed mid-stream: end with an error event
         status = "error"
         mapped = from_engine_error(exc)

@@ -19,6 +19,7 @@ from fastapi.responses import Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.api.admin import require_admin, usage_report
 from deployments.api.completions import Served, respond
 from deployments.api.errors import OpenAIError, install_error_handlers, set_body_limit
 from deployments.api.limits import (
@@ -35,12 +36,16 @@ from deployments.config.tenants import TenantSpec
 from deployments.config.tiered import TieredConfig
 from deployments.observability.requests import RequestMetricsMiddleware, RequestTimer
 from deployments.replicas.requests import GenerateRequest
+from deployments.state.config import resolve_state_spec
+from deployments.state.ledger import Ledger
+from deployments.state.store import StateStore
 from deployments.tenancy.client import AdmissionClient, AdmissionUnavailable
 from deployments.tenancy.keys import load_key_rings
 from deployments.tenancy.policy import admission_config
 from deployments.tenancy.types import Admission, AdmissionRequest, UsageRecord
 
 INGRESS_HEADER = "x-tiered-ingress"
+DRAIN_TIMEOUT_S = 10.0  # a stopping replica waits this long for its usage to be committed
 
 app = FastAPI(title="Tiered", version="0.1.0", description="OpenAI-compatible multi-tenant API")
 install_error_handlers(app)
@@ -76,6 +81,14 @@ class Ingress:
             context.app_name, admission_config(self.config, time.time()), self.owner
         )
         await self.admission.start()
+        # Reads only (the admission actor writes and migrates): connects on first use.
+        self.ledger = Ledger(StateStore.connect(resolve_state_spec(self.config.state)))
+
+    async def __del__(self) -> None:
+        """Serve calls this when the replica stops (scale-down, redeploy, shutdown):
+        every usage record this replica holds reaches the database first."""
+        await self.admission.drain(DRAIN_TIMEOUT_S)
+        await self.ledger.store.close()
 
     async def check_health(self) -> None:
         """Serve's periodic health check doubles as this replica's heartbeat to the
@@ -99,13 +112,16 @@ class Ingress:
 
     @app.get("/admin/usage")
     async def usage(self, request: Request) -> dict[str, Any]:
-        token = _bearer(request)
-        if self.keys.admin.tenant_for(token) is None:
-            if self.keys.tenants.tenant_for(token) is not None:
-                raise OpenAIError(403, "this endpoint needs an admin key", code="forbidden")
-            raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")
+        """Billing aggregates from the ledger, priced (deployments.state.report)."""
+        require_admin(self.keys, _bearer(request))
+        return await usage_report(self.ledger, self.config.prices, dict(request.query_params))
+
+    @app.get("/admin/state")
+    async def state(self, request: Request) -> dict[str, Any]:
+        """The admission actor's seats and queues, live (not billing data)."""
+        require_admin(self.keys, _bearer(request))
         try:
-            return await self.admission.usage()
+            return await self.admission.state()
         except AdmissionUnavailable:
             raise admission_unavailable() from None
 

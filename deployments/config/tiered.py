@@ -14,6 +14,7 @@ from deployments.config.models import (
     validate_against_cluster,
 )
 from deployments.config.plan import deployment_plan
+from deployments.config.prices import PricesSpec
 from deployments.config.tenants import (
     DispatchSpec,
     IngressSpec,
@@ -23,8 +24,9 @@ from deployments.config.tenants import (
     check_unique_keys,
     tenant_key_places,
 )
+from deployments.state.config import StateSpec
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "cluster" / "serve-default.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "cluster" / "serve-default.yaml"
 
 
 class NodeTypeSpec(BaseModel):
@@ -66,6 +68,11 @@ class TieredConfig(BaseModel):
     node_types: dict[str, NodeTypeSpec] = Field(
         {}, description="The cluster's node types; when given, every replica must fit one."
     )
+    state: StateSpec = Field(
+        default_factory=StateSpec,
+        description="The database (usage ledger); $TIERED_STATE_URL overrides state.url.",
+    )
+    prices: PricesSpec = PricesSpec()
 
     @model_validator(mode="after")
     def _cross_references(self) -> TieredConfig:
@@ -81,6 +88,7 @@ class TieredConfig(BaseModel):
                 raise ValueError(
                     f"tenants[{i}].dedicated.model: unknown model {tenant.dedicated.model!r}"
                 )
+        self.prices.check_references(names, [t.name for t in self.tenants if t.dedicated])
         return self
 
     def key_places(self) -> list[tuple[str, str]]:

@@ -118,16 +118,26 @@ class StateStore:
         return self.engine.dialect.name
 
     @classmethod
+    def connect(cls, spec: StateSpec) -> StateStore:
+        """A store that connects on first use, unchecked: for a process that must start
+        while the database is down (it retries `prepare`) or only reads."""
+        return cls(make_engine(spec), spec)
+
+    @classmethod
     async def open(cls, spec: StateSpec) -> StateStore:
-        engine = make_engine(spec)
-        store = cls(engine, spec)
+        """A store checked reachable (within connect_timeout_s) and migrated."""
+        store = cls.connect(spec)
         try:
-            await store._probe()
-            await store._migrate()
+            await store.prepare()
         except BaseException:
-            await engine.dispose()
+            await store.close()
             raise
         return store
+
+    async def prepare(self) -> None:
+        """Reach the database, then apply (or refuse) pending migrations; StateError."""
+        await self._probe()
+        await self._migrate()
 
     async def close(self) -> None:
         await self.engine.dispose()

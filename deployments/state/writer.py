@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from itertools import islice
@@ -59,6 +59,7 @@ class LedgerWriter:
         self.remember_s = remember_s
         self._clock = clock
         self._records: deque[UsageRecord] = deque()
+        self._pending_ids: Counter[str] = Counter()  # request id -> copies in _records
         self._reservations: deque[ReservationSeconds] = deque()
         self._committed: OrderedDict[str, float] = OrderedDict()  # id -> when, oldest first
         self._added = [0, 0]  # records, reservations ever added
@@ -76,6 +77,7 @@ class LedgerWriter:
     # ---- the request path: O(1), never blocks, never raises ----------------------------
     def add(self, record: UsageRecord) -> None:
         self._records.append(record)
+        self._pending_ids[record.request_id] += 1
         self._added[0] += 1
         self._wake(len(self._records))
 
@@ -142,6 +144,10 @@ class LedgerWriter:
         return self.pending
 
     # ---- what this writer knows --------------------------------------------------------
+    def pending_ids(self, ids: Sequence[str]) -> set[str]:
+        """Which ids wait here to be written (not yet committed)."""
+        return {i for i in ids if i in self._pending_ids}
+
     async def committed_ids(self, ids: Sequence[str]) -> set[str]:
         """Which ids are committed: this writer's recent commits, else the database's
         answer (the truth after a restart). StateError when the database cannot say."""
@@ -193,8 +199,11 @@ class LedgerWriter:
         batch = list(islice(self._records, self.batch_size))
         if batch:
             await self.ledger.write(batch)
-            for _ in batch:
+            for r in batch:
                 self._records.popleft()
+                self._pending_ids[r.request_id] -= 1
+                if not self._pending_ids[r.request_id]:
+                    del self._pending_ids[r.request_id]
             now = self._clock()
             for r in batch:
                 self._committed.setdefault(r.request_id, now)

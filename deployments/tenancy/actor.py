@@ -1,20 +1,31 @@
 """The admission actor: one per Serve application, named by the app, never by its config.
 
 Detached, so it outlives any one ingress replica, and restarted by Ray after it dies
-(`max_restarts=-1`); the ingress replicas then re-register what they hold. A new config
-is applied in place (`configure`), so rotating a key or changing a limit keeps the rate
-windows, seats and usage.
+(`max_restarts=-1`); the ingress replicas then re-register what they hold and send again
+the usage records it had not yet written. A new config is applied in place
+(`configure`), so rotating a key or changing a limit keeps the rate windows and seats.
+
+It owns the ledger writer: usage is queued here and committed in batches. The database
+may be down when the actor starts (a restart during an outage): admission never waits
+for it; records queue until `prepare` (connect, migrate) succeeds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Sequence
 
 import ray
 from ray.actor import ActorHandle
 
 from deployments.config.plan import ADMISSION_NAMESPACE, admission_actor_name
 from deployments.observability.admission import EXPORT_INTERVAL_S
+from deployments.state.config import resolve_state_spec
+from deployments.state.errors import StateError
+from deployments.state.ledger import Ledger
+from deployments.state.store import StateStore
+from deployments.state.writer import LedgerWriter
 from deployments.tenancy.admission import AdmissionState
 from deployments.tenancy.types import (
     Admission,
@@ -22,7 +33,13 @@ from deployments.tenancy.types import (
     AdmissionRequest,
     HeartbeatReply,
     HeldClaim,
+    LedgerStatus,
+    UsageRecord,
 )
+
+log = logging.getLogger(__name__)
+PREPARE_RETRY_S = 2.0
+LEDGER_READ_TIMEOUT_S = 2.0  # well inside the caller's RPC timeout: an outage is "pending"
 
 
 @ray.remote(num_cpus=0, max_concurrency=10_000, max_restarts=-1)  # type: ignore[call-overload]
@@ -30,31 +47,92 @@ class AdmissionActor(AdmissionState):
     """The shared instance. Async actor: waiters in the fair queue cost no threads."""
 
     _exporting: asyncio.Task | None = None
+    _preparing: asyncio.Task | None = None
+
+    def __init__(self, config: AdmissionConfig) -> None:
+        super().__init__(config)
+        if config.state is not None:
+            store = StateStore.connect(resolve_state_spec(config.state))
+            self.ledger = LedgerWriter(Ledger(store))
 
     async def ping(self) -> float:
         """The config version in force; answers only once the actor is up."""
+        self._start_background()
         return self.config.version
 
+    async def configure(self, config: AdmissionConfig) -> float:  # type: ignore[override]
+        self._start_background()
+        return super().configure(config)
+
     async def admit(self, req: AdmissionRequest) -> Admission:
-        self._start_exporting()
+        self._start_background()
         return await super().admit(req)
 
     async def ingress_heartbeat(  # type: ignore[override]
         self, owner: str, held: list[HeldClaim], now: float | None = None
     ) -> HeartbeatReply:
-        self._start_exporting()
+        self._start_background()
         return super().ingress_heartbeat(owner, held, now)
 
     async def replica_heartbeat(  # type: ignore[override]
         self, pool_key: str, replica_id: str, seats: int, now: float | None = None
     ) -> dict[str, float]:
-        self._start_exporting()
+        self._start_background()
         return super().replica_heartbeat(pool_key, replica_id, seats, now)
 
-    def _start_exporting(self) -> None:
-        """Begin the metrics loop on the actor's event loop (not available in __init__)."""
+    # ---- the ledger: what an ingress asks about the records it holds -----------------
+    async def ledger_status(self, request_ids: Sequence[str]) -> LedgerStatus:
+        """Which of these records are committed, which still queued here; the rest the
+        caller sends again (`record_again`)."""
+        if self.ledger is None:
+            return LedgerStatus(frozenset(request_ids), frozenset())
+        pending = self.ledger.pending_ids(request_ids)
+        try:
+            committed = await asyncio.wait_for(
+                self.ledger.committed_ids([i for i in request_ids if i not in pending]),
+                LEDGER_READ_TIMEOUT_S,
+            )
+        except (StateError, TimeoutError):  # the database cannot say now: ask next beat
+            committed = set()
+            pending = set(request_ids)
+        return LedgerStatus(frozenset(committed), frozenset(pending))
+
+    async def record_again(self, records: list[UsageRecord]) -> int:
+        """Records this actor lost (it restarted before writing them)."""
+        for record in records:
+            self.record(record)
+        return len(records)
+
+    async def flush(self, timeout_s: float) -> bool:
+        """Commit everything queued so far (an ingress shutting down waits on this)."""
+        if self.ledger is None:
+            return True
+        try:
+            await self.ledger.flush(timeout_s)
+        except (TimeoutError, RuntimeError):
+            return False
+        return True
+
+    # ---- background work on the actor's event loop (not available in __init__) -------
+    def _start_background(self) -> None:
         if self._exporting is None or self._exporting.done():
             self._exporting = asyncio.get_running_loop().create_task(self._export_forever())
+        if self.ledger is not None and self._preparing is None:
+            self._preparing = asyncio.get_running_loop().create_task(self._prepare_ledger())
+
+    async def _prepare_ledger(self) -> None:
+        """Connect and migrate, retrying until the database answers; then write."""
+        assert self.ledger is not None
+        store = self.ledger.ledger.store
+        while True:
+            try:
+                await store.prepare()
+                break
+            except StateError as exc:
+                log.error("ledger: %s; queueing usage and retrying", exc)
+                await asyncio.sleep(PREPARE_RETRY_S)
+        self.ledger.start()
+        log.info("ledger: writing to %s", store.url)
 
     async def _export_forever(self) -> None:
         while True:

@@ -4,7 +4,8 @@
 the shared pool, or refuse when it chose no spill) and waits in the shared pool's fair
 queue, all in one call. Whatever the request then holds (a rate-limit reservation, a seat)
 is one claim, named by the request's claim id. `finish` settles it on the tokens really
-used, which is what fair share and TPM count, and records the usage.
+used, which is what fair share and TPM count, and hands the usage to the ledger writer
+(batched, asynchronous: the database is never on the request path).
 
 Claims survive their holders failing:
 - an ingress replica that stops reporting for `OWNER_TTL_S` is gone, and all its claims
@@ -22,7 +23,9 @@ import time
 from dataclasses import dataclass, field
 
 from deployments.observability.admission import AdmissionExporter
+from deployments.state.writer import LedgerWriter
 from deployments.tenancy.fair_queue import FairDispatcher, QueueFull, QueueTimeout, Ticket
+from deployments.tenancy.metering import ReservationClock
 from deployments.tenancy.rate_limits import RateLimitState
 from deployments.tenancy.types import (
     Admission,
@@ -38,7 +41,6 @@ from deployments.tenancy.types import (
     TenantPolicy,
     UsageRecord,
 )
-from deployments.tenancy.usage import UsageMeter
 
 HEARTBEAT_TTL_S = 15.0  # a model-server replica not heard from for this long is no capacity
 # An ingress replica not heard from for this long is gone (crashed, replaced): everything
@@ -81,7 +83,8 @@ class AdmissionState:
     def __init__(self, config: AdmissionConfig) -> None:
         self.config = AdmissionConfig(tenants={}, pools={}, version=-1.0)
         self.limits = RateLimitState()
-        self.usage = UsageMeter()
+        self.ledger: LedgerWriter | None = None  # None: usage is checked, then dropped
+        self.reservations = ReservationClock(max_gap_s=HEARTBEAT_TTL_S)
         self.pools: dict[str, FairDispatcher] = {}
         self.dedicated: dict[str, Seats] = {}
         self.claims: dict[str, Claim] = {}
@@ -89,7 +92,7 @@ class AdmissionState:
         self._forgotten: dict[str, float] = {}  # claim id -> when it was finished
         self._owner_seen: dict[str, float] = {}  # ingress replica -> last heard from
         self._seats: dict[str, dict[str, tuple[int, float]]] = {}  # pool -> replica -> seen
-        self.configure(config)
+        AdmissionState.configure(self, config)  # not an override: the actor's is async
 
     # ---- configuration, applied in place ---------------------------------------------
     def configure(self, config: AdmissionConfig) -> float:
@@ -148,8 +151,9 @@ class AdmissionState:
         return self._settle(claim_id, usage.total_tokens if usage else 0)
 
     def record(self, usage: UsageRecord) -> None:
-        """The one path usage takes to billing."""
-        self.usage.record(usage)
+        """The one path usage takes to billing. The ledger drops a replayed request id."""
+        if self.ledger is not None:
+            self.ledger.add(usage)
 
     async def _seat(
         self, claim: Claim, policy: TenantPolicy, limits: RateLimitStatus
@@ -284,6 +288,9 @@ class AdmissionState:
         tenant = pool_key.split(":", 1)[-1]
         if tenant in self.dedicated:
             self.dedicated[tenant].capacity = capacity
+        if planned is not None and planned.tier == "dedicated" and self.ledger is not None:
+            for row in self.reservations.beat(tenant, planned.model, replica_id):
+                self.ledger.add_reservation(row)
         return {"dispatcher_queue_depth": 0.0, "dispatcher_mean_wait_s": 0.0}
 
     def _live_seats(self, pool_key: str, now: float | None = None) -> int:
@@ -301,7 +308,6 @@ class AdmissionState:
 
     def snapshot(self) -> AdmissionSnapshot:
         return AdmissionSnapshot(
-            usage=self.usage.snapshot(),
             pools={
                 name: PoolState(
                     d.capacity, d.in_use, d.depth, d.depth_by_band(), dict(d.served_tokens)

@@ -2,8 +2,9 @@
 the ingress must remember so that an admission outage loses nothing.
 
 - Claims it holds are listed on every heartbeat, so a restarted actor counts them again.
-- A finish the actor did not acknowledge is kept and replayed (usage is never lost, and
-  the actor drops a replayed record it has already counted).
+- A finish the actor did not acknowledge is kept and replayed; a usage record the actor
+  took is kept until the database has it (`uncommitted`), and sent again if the actor
+  restarted before writing it. The ledger counts a request id once, so a replay is safe.
 - While the actor cannot be reached, requests are refused at once with a 503 instead of
   waiting on it; a background probe re-registers the claims and lifts the refusal.
 - A tenant refused for its rate limits is refused again locally until the limit lifts
@@ -34,6 +35,7 @@ from deployments.tenancy.types import (
     AdmissionSnapshot,
     HeartbeatReply,
     HeldClaim,
+    LedgerStatus,
     UsageRecord,
 )
 
@@ -43,6 +45,7 @@ START_TIMEOUT_S = 60.0  # the first ingress may wait for the actor's process to 
 QUEUE_MARGIN_S = 5.0  # admit may wait the queue deadline, plus this
 PROBE_INTERVAL_S = 0.5
 CONCURRENCY_BLOCK_S = 0.25  # a slot may free any moment: remember such a refusal briefly
+CONFIRM_BATCH = 5000  # request ids asked about per ledger_status call
 
 
 class AdmissionUnavailable(Exception):
@@ -64,7 +67,8 @@ class AdmissionClient:
     def __init__(self, app_name: str, config: AdmissionConfig, owner: str) -> None:
         self.app_name, self.config, self.owner = app_name, config, owner
         self.held: dict[str, HeldClaim] = {}
-        self.unacknowledged: dict[str, UsageRecord | None] = {}
+        self.unacknowledged: dict[str, UsageRecord | None] = {}  # claim id -> its finish
+        self.uncommitted: dict[str, UsageRecord] = {}  # request id -> a record not yet in the DB
         self._blocked: dict[str, _Block] = {}
         self._handle: ActorHandle | None = None
         self._recovering: asyncio.Task | None = None
@@ -142,7 +146,8 @@ class AdmissionClient:
         except (RayActorError, TimeoutError) as exc:
             self._lost(exc)  # kept in unacknowledged: the probe or a heartbeat replays it
             return
-        self.unacknowledged.pop(claim_id, None)
+        if self.unacknowledged.pop(claim_id, None) is not None and usage is not None:
+            self.uncommitted[usage.request_id] = usage
 
     def _remember(self, tenant: str, admission: Admission) -> None:
         refusal = admission.refusal
@@ -156,8 +161,8 @@ class AdmissionClient:
             hold = min(hold, CONCURRENCY_BLOCK_S)
         self._blocked[tenant] = _Block(time.monotonic() + hold, admission)
 
-    async def usage(self) -> dict[str, Any]:
-        """The actor's snapshot (GET /admin/usage), as JSON-ready data."""
+    async def state(self) -> dict[str, Any]:
+        """The actor's seats and queues (GET /admin/state), as JSON-ready data."""
         if not self.available:
             raise AdmissionUnavailable
         try:
@@ -190,6 +195,49 @@ class AdmissionClient:
             log.warning("admission restarted: re-registered %d claims", reply.restored)
         if reply.config_version < self.config.version:
             await asyncio.wait_for(self.actor.configure.remote(self.config), RPC_TIMEOUT_S)
+        await self._confirm()
+
+    async def _confirm(self) -> None:
+        """Forget the records the database has; send again those the actor lost."""
+        ids = list(self.uncommitted)
+        for i in range(0, len(ids), CONFIRM_BATCH):
+            chunk = ids[i : i + CONFIRM_BATCH]
+            status: LedgerStatus = await asyncio.wait_for(
+                self.actor.ledger_status.remote(chunk), RPC_TIMEOUT_S
+            )
+            for request_id in status.committed:
+                self.uncommitted.pop(request_id, None)
+            lost = [
+                self.uncommitted[r]
+                for r in chunk
+                if r not in status.committed and r not in status.pending
+                and r in self.uncommitted
+            ]
+            if lost:
+                log.warning("ledger: sending %d usage records again", len(lost))
+                await asyncio.wait_for(self.actor.record_again.remote(lost), RPC_TIMEOUT_S)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Before this replica goes away: hand every finish to the actor and wait until
+        the database has each record. Returns how many are still not committed."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and (self.unacknowledged or self.uncommitted):
+            left = max(0.1, deadline - time.monotonic())
+            try:
+                for claim_id, usage in list(self.unacknowledged.items()):
+                    await self._send_finish(claim_id, usage)
+                await asyncio.wait_for(self.actor.flush.remote(min(left, 10.0)), left + 1)
+                await self._confirm()
+            except (RayActorError, TimeoutError) as exc:
+                log.warning("drain: admission unreachable (%s)", exc)
+                self._handle = None
+            if self.unacknowledged or self.uncommitted:
+                await asyncio.sleep(min(PROBE_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+        left_over = len(self.unacknowledged) + len(self.uncommitted)
+        if left_over:
+            log.error("drain: %d usage records not committed when this replica stopped",
+                      left_over)
+        return left_over
 
     def _lost(self, exc: BaseException) -> None:
         """The actor failed a call: refuse requests until a probe gets through."""

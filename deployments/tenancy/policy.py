@@ -28,6 +28,7 @@ def admission_config(config: TieredConfig, version: float) -> AdmissionConfig:
             key=plan.key,
             tier=plan.tier,
             seats=plan.seats,
+            model=plan.model.name,
             price_per_replica_hour=plan.replica.price_per_replica_hour,
             fixed_replicas=plan.fixed_replicas,
         )
@@ -39,4 +40,5 @@ def admission_config(config: TieredConfig, version: float) -> AdmissionConfig:
         max_queue_len=config.dispatch.max_queue_len,
         queue_deadline_s=config.dispatch.queue_deadline_s,
         version=version,
+        state=config.state,
     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from deployments.config.plan import Tier
+from deployments.state.config import StateSpec
 
 RefusalReason = Literal[
     "rpm",  # requests per minute
@@ -105,10 +106,34 @@ class UsageRecord:
     started_at: float  # wall clock
     ended_at: float
     status: UsageStatus = "ok"
+    adapter: str | None = None
+
+    def __post_init__(self) -> None:
+        """A record that cannot be real is refused when made, not billed."""
+        if self.tier not in ("shared", "dedicated"):
+            raise ValueError(f"tier must be 'shared' or 'dedicated', got {self.tier!r}")
+        if self.spill and self.tier != "shared":
+            raise ValueError("spilled requests are served by the shared pool")
+        if min(self.prompt_tokens, self.cached_tokens, self.completion_tokens) < 0:
+            raise ValueError("token counts must be >= 0")
+        if self.cached_tokens > self.prompt_tokens:
+            raise ValueError(
+                f"cached_tokens {self.cached_tokens} > prompt_tokens {self.prompt_tokens}"
+            )
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class LedgerStatus:
+    """What the admission actor knows of some request ids' usage records. An id in
+    neither set is unknown to it (it restarted, losing what it had not written): the
+    ingress that holds the record sends it again."""
+
+    committed: frozenset[str]  # in the database
+    pending: frozenset[str]  # queued in the actor's writer
 
 
 @dataclass(frozen=True)
@@ -132,6 +157,7 @@ class PoolSeats:
     key: str
     tier: Tier
     seats: int
+    model: str = ""
     price_per_replica_hour: float = 0.0
     fixed_replicas: int | None = None  # None when autoscaled: the policy exports desired
 
@@ -146,6 +172,7 @@ class AdmissionConfig:
     max_queue_len: int = 1024
     queue_deadline_s: float = 30.0
     version: float = 0.0
+    state: StateSpec | None = None  # the ledger's database; None: usage is not kept
 
 
 @dataclass(frozen=True)
@@ -153,22 +180,6 @@ class HeartbeatReply:
     config_version: float
     restored: int  # claims of this ingress the actor did not know (it restarted)
     reclaimed: int  # claims of silent ingress replicas released on this beat
-
-
-@dataclass
-class UsageRow:
-    """Usage summed per (tenant, model, tier served); spilled requests count under the
-    shared tier and again in the spill counters, since they are billed at shared prices."""
-
-    tenant: str
-    model: str
-    service_tier: Tier
-    requests: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    spill_requests: int = 0
-    spill_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -182,8 +193,7 @@ class PoolState:
 
 @dataclass(frozen=True)
 class AdmissionSnapshot:
-    """The body of GET /admin/usage."""
+    """The body of GET /admin/state: seats and queues now (usage is in the ledger)."""
 
-    usage: list[UsageRow]
     pools: dict[str, PoolState]
     dedicated: dict[str, PoolState]
