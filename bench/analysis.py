@@ -1,15 +1,20 @@
 """From a run's records to the figures: summaries per tenant, per phase and overall, and
 the scenario's own analyses (ratios between selections, error counts, Jain's index while
-backlogged, a rate sweep, an autoscaling step), each judged against its goal."""
+backlogged, a rate sweep, an autoscaling step, conversation figures), each judged against
+its goal."""
 
 from __future__ import annotations
 
 import math
 import statistics
 from collections import defaultdict
+from pathlib import Path
+from typing import Any
 
+from bench import conversation_metrics as cm
 from bench.analysis_spec import (
     AutoscaleAnalysis,
+    ConversationAnalysis,
     CountAnalysis,
     JainAnalysis,
     RatioAnalysis,
@@ -20,6 +25,7 @@ from bench.analysis_spec import (
 from bench.client import RequestRecord
 from bench.metrics import backlogged_jain, metric_value, summarize, ttft
 from bench.runner import RunResult
+from bench.scenario import Scenario
 
 
 def _windows(result: RunResult) -> dict[str, tuple[float, float]]:
@@ -239,8 +245,82 @@ def _replica_marks(
     }
 
 
+def tiered_config(scenario: Scenario) -> Any:
+    """The scenario's Tiered config (target.tiered_config, or the default one) for its
+    prices and engine sizes; None when it cannot be read."""
+    from deployments.config.tiered import DEFAULT_CONFIG, load_config
+
+    path = DEFAULT_CONFIG
+    if scenario.target.tiered_config:
+        base = scenario.source.parent if scenario.source else Path.cwd()
+        path = base / scenario.target.tiered_config
+    try:
+        return load_config(path, checkpoints=False)
+    except (OSError, ValueError):
+        return None
+
+
+def _model(scenario: Scenario, tenant: str) -> str:
+    return scenario.tenants[tenant].model or scenario.model
+
+
+def _cost_details(
+    result: RunResult, a: ConversationAnalysis, records: list[RequestRecord], config: Any
+) -> tuple[float, dict]:
+    spec = result.scenario.tenants[a.tenant]
+    prices = config.prices if config is not None else None
+    model = _model(result.scenario, a.tenant)
+
+    def cost(r: cm.TurnRecord) -> float | None:
+        price = prices.price(model, r.service_tier or "shared") if prices else None
+        if price is None or r.prompt_tokens is None:
+            return None
+        return float(price.cost(r.prompt_tokens, r.cached_tokens or 0, r.output_tokens))
+
+    turns = spec.conversation.turns if spec.conversation else None
+    costs = cm.conversation_costs(records, cost, turns)
+    details = {
+        "currency": prices.currency if prices else None,
+        "prices": [p.model_dump() for p in prices.tokens if p.model == model] if prices else [],
+        "conversations": len(cm.conversations(records)),
+        "completed_conversations": len(costs),
+        "median": statistics.median(costs) if costs else math.nan,
+        "total": sum(costs),
+    }
+    return (sum(costs) / len(costs) if costs else math.nan), details
+
+
+def _conversation(result: RunResult, a: ConversationAnalysis, config: Any) -> dict:
+    records = select(result, Selection(tenant=a.tenant, phase=a.phase))
+    details: dict = {"tenant": a.tenant, "api": result.scenario.tenants[a.tenant].api,
+                     "figure": a.figure, "turns": cm.turn_rows(records)}
+    if a.figure == "cost":
+        value, more = _cost_details(result, a, records, config)
+        unit = more["currency"] or ""
+        return _figure(a, value, f"{unit}/conversation".strip("/"), details | more)
+    if a.figure == "affinity":
+        same, of = cm.affinity_counts(r for r in records if r.turn >= a.from_turn)
+        pool = select(result, Selection(phase=a.phase))  # every tenant on the pool
+        model = config.model(_model(result.scenario, a.tenant)) if config else None
+        seats = model.engine.max_num_seqs if model else None
+        load = cm.replica_load(pool)
+        details |= {
+            "same_replica": same, "continuations": of, "replicas": load,
+            "seats_per_replica": seats,
+            "saturated": [k for k, v in load.items() if seats and v["peak_in_flight"] >= seats],
+        }
+        return _figure(a, cm.share(same, of), "share", details)
+    figure = cm.cached_share if a.figure == "cached_share" else cm.reused_share
+    value = cm.over_turns(records, figure, a.from_turn, a.over)
+    details |= {"from_turn": a.from_turn, "over": a.over,
+                "pooled": cm.over_turns(records, figure, a.from_turn, "pooled")}
+    return _figure(a, value, "share", details)
+
+
 def analyse(result: RunResult, slo_ms: dict[str, float]) -> list[dict]:
     out = []
+    wanted = any(isinstance(a, ConversationAnalysis) for a in result.scenario.analysis)
+    config = tiered_config(result.scenario) if wanted else None  # prices, engine sizes
     for a in result.scenario.analysis:
         if isinstance(a, RatioAnalysis):
             out.append(_ratio(result, a, slo_ms))
@@ -252,4 +332,6 @@ def analyse(result: RunResult, slo_ms: dict[str, float]) -> list[dict]:
             out.append(_sweep(result, a, slo_ms))
         elif isinstance(a, AutoscaleAnalysis):
             out.append(_autoscale(result, a))
+        elif isinstance(a, ConversationAnalysis):
+            out.append(_conversation(result, a, config))
     return out

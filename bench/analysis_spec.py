@@ -124,11 +124,39 @@ class AutoscaleAnalysis(Strict):
     goal: Goal | None = Field(None, description="On the step-to-new-replica-token time (s).")
 
 
+class ConversationAnalysis(Strict):
+    """One figure of a tenant's multi-turn conversations, with a per-turn table:
+
+    - cached_share: cached / input tokens;
+    - reused_share: cached tokens / the tokens already in the previous turn's prompt and
+      output (the history a prefix cache could have kept);
+    - affinity: continuations served by the previous turn's replica (`x-tiered-replica`),
+      with each replica's share of requests and its peak in flight;
+    - cost: billed cost per completed conversation, at the prices of the scenario's Tiered
+      config (`prices:`, per model and served tier; TokenPrice.cost).
+
+    Shares are over turns >= `from_turn`: the worst turn's (`over: worst_turn`) or all of
+    them pooled (`over: pooled`)."""
+
+    kind: Literal["conversation"]
+    name: str
+    tenant: str
+    figure: Literal["cached_share", "reused_share", "affinity", "cost"]
+    phase: str | None = None
+    from_turn: int = Field(2, ge=1)
+    over: Literal["worst_turn", "pooled"] = "worst_turn"
+    goal: Goal | None = None
+
+
 Analysis = Annotated[
-    RatioAnalysis | CountAnalysis | JainAnalysis | SweepAnalysis | AutoscaleAnalysis,
+    RatioAnalysis
+    | CountAnalysis
+    | JainAnalysis
+    | SweepAnalysis
+    | AutoscaleAnalysis
+    | ConversationAnalysis,
     Field(discriminator="kind"),
 ]
-
 
 
 def parse_goal(goal: str) -> tuple[str, float]:

@@ -7,6 +7,12 @@ body is still read to its end, as the openai SDK does), the HTTP status, the tie
 that served it (`service_tier` in the body, or the `x-tiered-service-tier` header), the
 replica header, and the usage of the final chunk (`stream_options.include_usage`),
 `prompt_tokens_details.cached_tokens` included. Times are `time.perf_counter()` seconds.
+
+`api: responses` speaks OpenAI's Responses stream instead (`POST /v1/responses`, typed
+`event:`/`data:` frames, no `[DONE]`): each `response.output_text.delta` is a chunk, the
+terminal event (`response.completed`, or `response.incomplete` when max_output_tokens
+ended it) is the end and carries the usage (`input_tokens`,
+`input_tokens_details.cached_tokens`) and the response id that the next turn continues.
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ class RequestRecord:
     cached_tokens: int | None = None
     max_tokens: int = 0
     text: str = ""
+    response_id: str | None = None  # api responses: what the next turn continues from
+    previous_replica: str | None = None  # the replica of the conversation's previous turn
+    reusable_tokens: int | None = None  # the previous turn's prompt + output tokens
 
     @property
     def ok(self) -> bool:
@@ -69,6 +78,7 @@ class RequestRecord:
         out["send"] = round(self.send - t0, 6)
         out["end"] = round(self.end - t0, 6)
         out["chunks"] = [round(c - t0, 6) for c in self.chunks] if with_chunks else None
+        out["ttft_s"] = round(self.chunks[0] - self.send, 6) if self.ok else None
         return out
 
 
@@ -81,7 +91,13 @@ def request_body(
     ignore_eos: bool = True,
     temperature: float | None = None,
     service_tier: str | None = None,
+    previous_response_id: str | None = None,
 ) -> dict[str, Any]:
+    if api == "responses":
+        return responses_body(
+            model, prompt, max_tokens, temperature=temperature, service_tier=service_tier,
+            previous_response_id=previous_response_id,
+        )
     body: dict[str, Any] = {
         "model": model,
         "max_tokens": max_tokens,
@@ -94,6 +110,32 @@ def request_body(
         body["prompt"] = prompt
     if ignore_eos:
         body["ignore_eos"] = True  # vLLM's extension: exactly max_tokens tokens
+    if temperature is not None:
+        body["temperature"] = temperature
+    if service_tier is not None:
+        body["service_tier"] = service_tier
+    return body
+
+
+def responses_body(
+    model: str,
+    prompt: str | list[dict[str, str]],
+    max_tokens: int,
+    *,
+    temperature: float | None = None,
+    service_tier: str | None = None,
+    previous_response_id: str | None = None,
+) -> dict[str, Any]:
+    """A stored, streamed Responses turn: only the new input, the rest by reference."""
+    body: dict[str, Any] = {
+        "model": model,
+        "input": prompt,
+        "max_output_tokens": max_tokens,
+        "stream": True,
+        "store": True,
+    }
+    if previous_response_id is not None:
+        body["previous_response_id"] = previous_response_id
     if temperature is not None:
         body["temperature"] = temperature
     if service_tier is not None:
@@ -119,7 +161,36 @@ async def sse_lines(response: httpx.Response) -> AsyncIterator[str]:
 
 
 def _path(api: str) -> str:
-    return "/chat/completions" if api == "chat" else "/completions"
+    return {"chat": "/chat/completions", "responses": "/responses"}.get(api, "/completions")
+
+
+TERMINAL_EVENTS = ("response.completed", "response.incomplete")
+
+
+def _take_event(record: RequestRecord, data: dict[str, Any], now: float) -> bool:
+    """One Responses stream event; True at the terminal one (the end of the response)."""
+    kind = data.get("type")
+    if kind == "response.output_text.delta":
+        record.chunks.append(now)
+        record.text += data.get("delta") or ""
+        return False
+    if kind == "error":
+        record.error = f"stream_error: {data.get('code') or data.get('message') or data}"
+        return True
+    response = data.get("response") or {}
+    record.response_id = response.get("id") or record.response_id
+    record.service_tier = response.get("service_tier") or record.service_tier
+    if kind == "response.failed":
+        err = response.get("error") or {}
+        record.error = f"stream_error: {err.get('code') or err.get('message') or 'failed'}"
+        return True
+    if kind not in TERMINAL_EVENTS:
+        return False
+    usage = response.get("usage") or {}
+    record.prompt_tokens = usage.get("input_tokens")
+    record.completion_tokens = usage.get("output_tokens")
+    record.cached_tokens = (usage.get("input_tokens_details") or {}).get("cached_tokens")
+    return True
 
 
 def _take_chunk(record: RequestRecord, data: dict[str, Any], now: float, api: str) -> None:
@@ -152,7 +223,7 @@ async def stream_request(
 ) -> RequestRecord:
     """Send one streaming request and fill `record`; never raises for HTTP or transport
     errors (they are results), only for cancellation."""
-    record.max_tokens = int(body.get("max_tokens", 0))
+    record.max_tokens = int(body.get("max_tokens", body.get("max_output_tokens", 0)))
     headers = {"Authorization": f"Bearer {key}"}
     record.send = time.perf_counter()
     try:
@@ -179,9 +250,16 @@ async def stream_request(
                         done_at = now
                         continue
                     try:
-                        _take_chunk(record, json.loads(payload), now, api)
+                        data = json.loads(payload)
                     except json.JSONDecodeError:
                         record.error = "bad_json: a stream chunk is not JSON"
+                        continue
+                    if api != "responses":
+                        _take_chunk(record, data, now, api)
+                    elif _take_event(record, data, now):
+                        done_at = now
+                if api == "responses" and done_at is None and record.error is None:
+                    record.error = "incomplete_stream: no terminal response event"
                 record.end = done_at or time.perf_counter()
     except httpx.TimeoutException as exc:
         record.error = f"timeout: {type(exc).__name__}"

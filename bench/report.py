@@ -123,6 +123,10 @@ def _value(fig: dict) -> str:
     unit = fig["unit"]
     if unit == "×":
         return f"{v:.3f}×"
+    if unit == "share":
+        return f"{v:.1%}"
+    if unit.endswith("/conversation"):
+        return f"{v:.6f} {unit}"
     return f"{v:.3f} {unit}".strip() if isinstance(v, float) and v % 1 else f"{v:g} {unit}"
 
 
@@ -137,6 +141,8 @@ def _note(fig: dict) -> str:
         return f"backlogged {d['backlogged_s']:.1f} s; tok/s {rates}"
     if fig["kind"] == "count":
         return f"of {d['of']} requests {_counts(d['by_error'])}"
+    if fig["kind"] == "conversation":
+        return _conversation_note(d)
     if fig["kind"] == "autoscale":
         keys = ("step_to_replica_running_s", "ttft_p50_baseline_ms",
                 "ttft_p50_before_new_replica_ms", "ttft_p50_after_new_replica_ms",
@@ -145,6 +151,49 @@ def _note(fig: dict) -> str:
             f"{k}={d[k]:.2f}" for k in keys if isinstance(d.get(k), float)
         )
     return ""
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.0%}"
+
+
+def _conversation_note(d: dict) -> str:
+    if d["figure"] == "cost":
+        return (f"{d['completed_conversations']} of {d['conversations']} conversations "
+                f"complete; median {d['median']:.6f}")
+    if d["figure"] == "affinity":
+        load = ", ".join(f"{k[-8:]} {_pct(v['share'])} peak {v['peak_in_flight']}"
+                         for k, v in d["replicas"].items())
+        seats = d["seats_per_replica"]
+        saturated = f"; saturated: {len(d['saturated'])}" if seats else ""
+        pool = f"pool {load} (seats {seats}){saturated}"
+        return f"{d['same_replica']} of {d['continuations']}; {pool}"
+    per_turn = " ".join(_pct(r[d["figure"]]) for r in d["turns"] if r["turn"] >= d["from_turn"])
+    return f"turns {d['from_turn']}+: {per_turn}; pooled {_pct(d['pooled'])}"
+
+
+def turns_table(figures: list[dict]) -> Table | None:
+    """Per turn of each conversation tenant (from its first conversation figure)."""
+    seen: dict[str, dict] = {}
+    for fig in figures:
+        if fig["kind"] == "conversation":
+            seen.setdefault(fig["details"]["tenant"], fig["details"])
+    if not seen:
+        return None
+    table = Table(title="Conversations per turn (TTFT in ms, tokens per request)")
+    for col in ("tenant", "api", "turn", "ok", "TTFT p50", "TTFT p90", "input", "cached",
+                "reusable", "cached/input", "cached/reusable", "same replica"):
+        table.add_column(col, justify="left" if col in ("tenant", "api") else "right")
+    for tenant, d in seen.items():
+        for r in d["turns"]:
+            table.add_row(
+                tenant, d["api"], str(r["turn"]), str(r["completed"]), _ms(r["ttft_p50_ms"]),
+                _ms(r["ttft_p90_ms"]), _ms(r["mean_input_tokens"]), _ms(r["mean_cached_tokens"]),
+                _ms(r["mean_reusable_tokens"]), _pct(r["cached_share"]),
+                _pct(r["reused_share"]),
+                f"{r['same_replica']}/{r['continuations']}" if r["continuations"] else "-",
+            )
+    return table
 
 
 def figures_table(figures: list[dict]) -> Table:
@@ -203,6 +252,9 @@ def render_text(
     for fig in figures:
         if fig["kind"] == "sweep":
             console.print(sweep_table(fig))
+    turns = turns_table(figures)
+    if turns is not None:
+        console.print(turns)
     if cpu:
         console.print(cpu_table(cpu))
     if figures:

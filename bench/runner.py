@@ -111,15 +111,24 @@ class Runner:
 
     # ---- one request, one conversation --------------------------------------------
     async def _request(
-        self, client: httpx.AsyncClient, tenant: _Tenant, phase: str, prompt, max_tokens: int,
-        turn: int = 1, conversation: int | None = None, keep: bool = True,
-    ) -> RequestRecord:  # type: ignore[no-untyped-def]
+        self, client: httpx.AsyncClient, tenant: _Tenant, phase: str,
+        prompt: str | list[dict[str, str]], max_tokens: int, turn: int = 1,
+        conversation: int | None = None, keep: bool = True,
+        previous: RequestRecord | None = None,
+    ) -> RequestRecord:
+        """One request; `previous` is the conversation's previous turn (its response id
+        is continued with api: responses, its replica and tokens are recorded)."""
         spec = tenant.spec
         body = request_body(
             spec.api, tenant.model, prompt, max_tokens, ignore_eos=spec.ignore_eos,
             temperature=spec.temperature, service_tier=spec.service_tier,
+            previous_response_id=previous.response_id if previous else None,
         )
         record = RequestRecord(tenant.name, phase, 0.0, turn=turn, conversation=conversation)
+        if previous is not None:
+            record.previous_replica = previous.replica
+            if previous.prompt_tokens is not None:
+                record.reusable_tokens = previous.prompt_tokens + previous.output_tokens
         if self._cap is not None:
             await self._cap.acquire()
         self.in_flight += 1
@@ -141,18 +150,22 @@ class Runner:
         spec, rng = tenant.spec, tenant.rng
         first = tenant.prompts.text(spec.prompt_tokens.sample(rng))
         if spec.conversation is None:
-            prompt = [{"role": "user", "content": first}] if spec.api == "chat" else first
+            prompt = spec.first_input(first)
             await self._request(client, tenant, phase, prompt, spec.output_tokens.sample(rng))
             return
         self._conversations += 1
         conv, messages = self._conversations, [{"role": "user", "content": first}]
+        previous: RequestRecord | None = None
         for turn in range(1, spec.conversation.turns + 1):
+            # chat resends the whole history; responses sends the new message only
+            new = messages if spec.api == "chat" or previous is None else messages[-1:]
             record = await self._request(
-                client, tenant, phase, list(messages), spec.output_tokens.sample(rng),
-                turn=turn, conversation=conv,
+                client, tenant, phase, list(new), spec.output_tokens.sample(rng),
+                turn=turn, conversation=conv, previous=previous,
             )
-            if not record.ok:
+            if not record.ok or (spec.api == "responses" and record.response_id is None):
                 return
+            previous = record
             messages.append({"role": "assistant", "content": record.text})
             text = tenant.prompts.text(spec.conversation.turn_tokens.sample(rng))
             messages.append({"role": "user", "content": text})
@@ -206,8 +219,7 @@ class Runner:
     async def _warmup(self, client: httpx.AsyncClient) -> None:
         for tenant in self.tenants.values():
             for _ in range(self.scenario.warmup_requests):
-                text = tenant.prompts.text(16)
-                prompt = [{"role": "user", "content": text}] if tenant.spec.api == "chat" else text
+                prompt = tenant.spec.first_input(tenant.prompts.text(16))
                 r = await self._request(client, tenant, "warmup", prompt, 4, keep=False)
                 if not r.ok:
                     self.console.print(f"[yellow]warm-up of {tenant.name} failed: {r.error}")

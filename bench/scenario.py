@@ -31,6 +31,7 @@ from pydantic import Field, ValidationError, model_validator
 from bench.analysis_spec import (
     Analysis,
     AutoscaleAnalysis,
+    ConversationAnalysis,
     CountAnalysis,
     JainAnalysis,
     RatioAnalysis,
@@ -90,8 +91,10 @@ class LengthDist(Strict):
 
 
 class Conversation(Strict):
-    """Multi-turn chat: each turn resends the history (user and assistant messages) plus a
-    new user message, which is what a prefix cache is for."""
+    """Multi-turn chat. With `api: chat` each turn resends the history (user and assistant
+    messages) plus a new user message, which is what a prefix cache is for; with
+    `api: responses` each turn sends only the new user message to /v1/responses, with
+    `previous_response_id` naming the previous turn (the server holds the history)."""
 
     turns: int = Field(2, ge=1)
     turn_tokens: LengthDist = LengthDist(value=64)
@@ -144,11 +147,12 @@ class TenantLoad(Strict):
     key_env: str | None = Field(None, min_length=1, description="Read the key from this variable.")
     endpoint: str = Field("main", description="Which endpoint of the target (main, echo, ...).")
     model: str | None = None
-    api: Literal["chat", "completions"] = "chat"
+    api: Literal["chat", "completions", "responses"] = "chat"
     weight: float = Field(1.0, gt=0, description="The tenant's weight, for Jain's index.")
     prompt_tokens: LengthDist = LengthDist(value=128)
     output_tokens: LengthDist = LengthDist(value=64)
-    ignore_eos: bool = True
+    ignore_eos: bool = Field(True, description="vLLM's extension (chat, completions); "
+                             "the Responses API has none and stops at end of sequence.")
     temperature: float | None = Field(None, ge=0)
     service_tier: str | None = None
     conversation: Conversation | None = None
@@ -158,9 +162,15 @@ class TenantLoad(Strict):
     def _one_key(self) -> TenantLoad:
         if (self.key is None) == (self.key_env is None):
             raise ValueError("give exactly one of key and key_env")
-        if self.conversation is not None and self.api != "chat":
-            raise ValueError("conversations need api: chat")
+        if self.conversation is not None and self.api == "completions":
+            raise ValueError("conversations need api: chat or api: responses")
+        if self.api == "responses" and self.ignore_eos and "ignore_eos" in self.model_fields_set:
+            raise ValueError("api: responses has no ignore_eos (give ignore_eos: false)")
         return self
+
+    def first_input(self, text: str) -> str | list[dict[str, str]]:
+        """A first request's prompt in this tenant's API: messages, or plain text."""
+        return text if self.api == "completions" else [{"role": "user", "content": text}]
 
     def api_key(self) -> str:
         if self.key is not None:
@@ -258,6 +268,8 @@ def _selections(a: Any) -> list[Selection]:
         return [a.numerator, a.denominator]
     if isinstance(a, CountAnalysis):
         return [a.select]
+    if isinstance(a, ConversationAnalysis):
+        return [Selection(tenant=a.tenant, phase=a.phase)]
     if isinstance(a, JainAnalysis | SweepAnalysis):
         return [Selection(tenant=getattr(a, "tenant", None), phase=getattr(a, "phase", None))]
     if isinstance(a, AutoscaleAnalysis):

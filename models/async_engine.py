@@ -60,10 +60,13 @@ class AsyncLLMEngine:
         *,
         priority: int = 0,
         cache_salt: str | None = None,
+        retain: bool = False,
     ) -> AsyncIterator[RequestOutput]:
+        """Stream one request's outputs; `retain` keeps its KV blocks ahead of ordinary
+        requests' in eviction (a conversation turn that is likely to be continued)."""
         self._raise_if_unavailable()
         prepared = self.engine.prepare(
-            request_id, prompt, params, priority=priority, cache_salt=cache_salt
+            request_id, prompt, params, priority=priority, cache_salt=cache_salt, retain=retain
         )
         sink: asyncio.Queue[_Item] = asyncio.Queue()
         with self._sinks_lock:

@@ -87,10 +87,13 @@ class LLMEngine:
         *,
         priority: int = 0,
         cache_salt: str | None = None,
+        retain: bool = False,
     ) -> PreparedRequest:
         """Tokenize and check the prompt against the model; raises InvalidRequestError /
         ContextLengthExceededError. `params` validated itself when it was made, and a
-        duplicate id is refused once, by `admit`, on the engine's own thread."""
+        duplicate id is refused once, by `admit`, on the engine's own thread. `retain`
+        (a turn of a stored conversation) keeps its KV blocks ahead of ordinary ones in
+        eviction, so the next turn's prefix is likelier still cached."""
         token_ids = self._tokenize(prompt)
         total = len(token_ids) + params.max_tokens
         if total > self.max_model_len:
@@ -110,6 +113,7 @@ class LLMEngine:
                     params=params,
                     priority=priority,
                     cache_salt=cache_salt,
+                    retain=retain,
                     leader=seqs[0] if index else None,
                     generator=make_generator(params.seed, index),
                 )
@@ -149,9 +153,12 @@ class LLMEngine:
         *,
         priority: int = 0,
         cache_salt: str | None = None,
+        retain: bool = False,
     ) -> None:
         self.admit(
-            self.prepare(request_id, prompt, params, priority=priority, cache_salt=cache_salt)
+            self.prepare(
+                request_id, prompt, params, priority=priority, cache_salt=cache_salt, retain=retain
+            )
         )
 
     def abort(self, request_id: str) -> None:

@@ -101,7 +101,8 @@ class KVCacheManager:
             self.pool.register(owned[i], parent)
 
     def free(self, seq: Sequence) -> None:
-        """Return every block of a finished, aborted or preempted sequence."""
+        """Return every block of a finished, aborted or preempted sequence; a retained
+        sequence's blocks go to the pool's retained queue, evicted after ordinary ones."""
         owned = self._blocks.pop(seq.seq_id, [])
         self._hashes.pop(seq.seq_id, None)
-        self.pool.release(list(reversed(owned)))
+        self.pool.release(list(reversed(owned)), retain=seq.retain)

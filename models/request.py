@@ -28,6 +28,7 @@ class Sequence:
     params: SamplingParams
     priority: int = 0
     cache_salt: str | None = None
+    retain: bool = False  # a conversation turn: free its blocks into the retained queue
     arrival_time: float = field(default_factory=time.monotonic)
     leader: Sequence | None = None  # siblings wait until the leader's prompt is cached
     output_token_ids: list[int] = field(default_factory=list)

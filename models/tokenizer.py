@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -174,9 +174,18 @@ class Tokenizer:
             raise InvalidRequestError(f"invalid messages: {exc}", "messages") from exc
 
     def encode_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        sampled: Mapping[int, Sequence[int]] | None = None,
     ) -> list[int]:
         """The chat prompt's ids, with control tokens only where the template put them.
+
+        `sampled` maps the index of an assistant message to the ids the model sampled for
+        it (a stored reply): those ids stand in for the reply's text, so a continuation's
+        prompt is token for token the previous prompt plus what the model produced, and
+        the replica's prefix cache serves all of it. Without them (or when the template
+        cannot be traced) the reply is re-tokenized from its text.
 
         For content without control-token text this is exactly
         `encode(apply_chat_template(messages), add_special_tokens=False)`, i.e. what
@@ -187,10 +196,14 @@ class Tokenizer:
         """
         rendered = self.apply_chat_template(messages, add_generation_prompt)
         ids = self._tok.encode(rendered, add_special_tokens=False)
-        if self._control_re is None:
+        if self._control_re is None and not sampled:
             return ids.ids
         contents = [m.get("content") for m in messages]
         pieces = self._locate_contents(messages, contents, rendered, add_generation_prompt)
+        if pieces is not None and sampled:
+            return self._encode_pieces(pieces, sampled)
+        if self._control_re is None:
+            return ids.ids
         if pieces is None:
             texts = (c if isinstance(c, str) else json.dumps(c, default=str) for c in contents)
             if any(self._control_re.search(text) for text in texts):
@@ -201,8 +214,8 @@ class Tokenizer:
                 )
             return ids.ids
         spans, pos = [], 0
-        for text, is_content in pieces:
-            if is_content:
+        for text, owner in pieces:
+            if owner is not None:
                 spans.append((pos, pos + len(text)))
             pos += len(text)
         if not any(
@@ -217,8 +230,9 @@ class Tokenizer:
         contents: list[object],
         rendered: str,
         add_generation_prompt: bool,
-    ) -> list[tuple[str, bool]] | None:
-        """`rendered` cut into (text, is_content) pieces, or None if it cannot be traced.
+    ) -> list[tuple[str, int | None]] | None:
+        """`rendered` cut into (text, message index of a content piece, else None) pieces,
+        or None if it cannot be traced.
 
         Each content is matched as given or trimmed (Llama 3 and Gemma `| trim` it); the
         pieces must rebuild `rendered` exactly, else the template did something else.
@@ -234,7 +248,7 @@ class Tokenizer:
         except InvalidRequestError:  # the template inspects content: cannot trace it
             return None
         parts = _SENTINEL_RE.split(skeleton)  # [text, index, text, index, ..., text]
-        pieces: list[tuple[str, bool]] = []
+        pieces: list[tuple[str, int | None]] = []
         pos = 0
         for k in range(0, len(parts) - 1, 2):
             template, index, following = parts[k], int(parts[k + 1]), parts[k + 2]
@@ -248,11 +262,11 @@ class Tokenizer:
                     break
             else:
                 return None
-            pieces += [(template, False), (variant, True)]
+            pieces += [(template, None), (variant, index)]
             pos = end
         if rendered[pos:] != parts[-1]:
             return None
-        pieces.append((parts[-1], False))
+        pieces.append((parts[-1], None))
         return pieces
 
     def _control_spans(self, encoding: Encoding, rendered: str) -> list[tuple[int, int]]:
@@ -267,11 +281,17 @@ class Tokenizer:
             spans.append((at, at + len(text)) if at >= 0 else (start, end))
         return spans
 
-    def _encode_pieces(self, pieces: list[tuple[str, bool]]) -> list[int]:
+    def _encode_pieces(
+        self,
+        pieces: list[tuple[str, int | None]],
+        sampled: Mapping[int, Sequence[int]] | None = None,
+    ) -> list[int]:
         """Control tokens parsed in template pieces only. The text between two control
         tokens (template text and content together) is encoded as one run, as `tokenizers`
-        does for the whole string, so ordinary stretches tokenize exactly as they would."""
-        assert self._control_re is not None
+        does for the whole string, so ordinary stretches tokenize exactly as they would.
+        A content piece with sampled ids ends the run before it (where the generation
+        prompt ended when the model sampled them) and is those ids."""
+        sampled = sampled or {}
         ids: list[int] = []
         run: list[str] = []
         strip_next = False  # the last control token was rstrip: it eats following spaces
@@ -284,8 +304,16 @@ class Tokenizer:
             if text:
                 ids.extend(self._plain.encode(text, add_special_tokens=False).ids)
 
-        for text, is_content in pieces:
-            parts = [text] if is_content else self._control_re.split(text)
+        for text, owner in pieces:
+            if owner is not None and owner in sampled:
+                flush(before_lstrip_token=False)
+                ids.extend(sampled[owner])
+                strip_next = False
+                continue
+            if owner is not None or self._control_re is None:
+                parts = [text]
+            else:
+                parts = self._control_re.split(text)
             for k, part in enumerate(parts):
                 if k % 2 == 0:  # text (all of a content piece is text)
                     if strip_next:

@@ -1,4 +1,5 @@
-"""The bench metric maths on synthetic request timestamps, against hand-computed values."""
+"""The bench metric maths on synthetic request timestamps, against hand-computed values
+(conversation figures included: cache shares, affinity, cost at the configured prices)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import math
 
 import pytest
 
+from bench import conversation_metrics as cm
+from bench.analysis import analyse, summaries
 from bench.client import RequestRecord
 from bench.metrics import (
     backlogged,
@@ -25,6 +28,10 @@ from bench.metrics import (
     union,
     weighted_jain,
 )
+from bench.report import render_text
+from bench.runner import RunResult
+from bench.scenario import SCENARIO_DIR, parse_scenario
+from deployments.config.prices import TokenPrice
 
 
 def rec(send: float, chunks: list[float], end: float | None = None, *, tokens: int | None = None,
@@ -143,3 +150,124 @@ def test_binned_rates() -> None:
     events = [(0.1, 2.0), (0.9, 1.0), (1.5, 4.0), (9.0, 1.0)]
     assert binned(events, 0.0, 2.0, 1.0) == [3.0, 4.0]  # the event at 9.0 is outside
     assert binned(events, 0.0, 2.0, 2.0) == [3.5]
+
+
+# ---- conversations (bench.conversation_metrics, analysis kind `conversation`) ----------
+def turn(conv: int, n: int, send: float, *, prompt: int, cached: int, reusable: int | None,
+         replica: str, previous: str | None, tokens: int = 4, tenant: str = "a",
+         status: int = 200, end: float | None = None) -> RequestRecord:
+    r = rec(send, [send + 0.1] if status == 200 else [], end, tokens=tokens, tenant=tenant,
+            status=status, prompt=prompt, cached=cached)
+    r.turn, r.conversation, r.replica, r.previous_replica = n, conv, replica, previous
+    r.reusable_tokens = reusable
+    return r
+
+
+def two_conversations() -> list[RequestRecord]:
+    # conversation 1 stays on r1; conversation 2 moves to r2 at turn 2 (a cold prefix)
+    return [
+        turn(1, 1, 0.0, prompt=100, cached=0, reusable=None, replica="r1", previous=None),
+        turn(1, 2, 1.0, prompt=200, cached=96, reusable=104, replica="r1", previous="r1"),
+        turn(1, 3, 2.0, prompt=300, cached=192, reusable=204, replica="r1", previous="r1"),
+        turn(2, 1, 0.5, prompt=100, cached=0, reusable=None, replica="r1", previous=None),
+        turn(2, 2, 1.5, prompt=200, cached=0, reusable=104, replica="r2", previous="r1"),
+        turn(2, 3, 2.5, prompt=300, cached=192, reusable=204, replica="r2", previous="r2"),
+    ]
+
+
+def test_cached_and_reused_shares_per_turn() -> None:
+    records = two_conversations()
+    later = [r for r in records if r.turn >= 2]
+    # cached / input: (96 + 192 + 0 + 192) / (200 + 300 + 200 + 300) = 480 / 1000
+    assert cm.cached_share(later) == pytest.approx(0.48)
+    # cached / reusable: 480 / (104 + 204 + 104 + 204) = 480 / 616; turn 1 has nothing to reuse
+    assert cm.reused_share(records) == pytest.approx(480 / 616)
+    assert math.isnan(cm.reused_share([r for r in records if r.turn == 1]))
+    # worst turn: turn 2 reuses 96 of 208, turn 3 384 of 408
+    assert cm.over_turns(records, cm.reused_share) == pytest.approx(96 / 208)
+    assert cm.over_turns(records, cm.reused_share, over="pooled") == pytest.approx(480 / 616)
+    assert cm.over_turns(records, cm.reused_share, from_turn=3) == pytest.approx(384 / 408)
+    rows = {row["turn"]: row for row in cm.turn_rows(records)}
+    assert rows[1]["completed"] == 2 and math.isnan(rows[1]["reused_share"])
+    assert rows[2]["cached_share"] == pytest.approx(96 / 400)
+    assert rows[3]["mean_reusable_tokens"] == pytest.approx(204)
+    assert rows[3]["ttft_p50_ms"] == pytest.approx(100.0)
+
+
+def test_affinity_and_replica_load() -> None:
+    records = two_conversations()
+    # continuations: r1->r1, r1->r1, r1->r2 (moved), r2->r2
+    assert cm.affinity_counts(records) == (3, 4)
+    assert cm.affinity_rate(records) == pytest.approx(0.75)
+    failed = turn(3, 2, 3.0, prompt=1, cached=0, reusable=1, replica="r2", previous="r1",
+                  status=503)
+    unknown = turn(4, 2, 3.0, prompt=1, cached=0, reusable=1, replica="r2", previous=None)
+    assert cm.affinity_counts([*records, failed, unknown]) == (3, 4)  # neither counts
+    assert cm.peak_in_flight([(0, 2), (1, 3), (2, 4), (2.5, 2.6)]) == 3
+    assert cm.peak_in_flight([(0, 1), (1, 2)]) == 1  # back to back is no overlap
+    records[0].end = 1.2  # conversation 1's turn 1 still streaming when its turn 2 starts
+    load = cm.replica_load(records)
+    assert load["r1"]["requests"] == 4 and load["r1"]["share"] == pytest.approx(4 / 6)
+    assert load["r1"]["peak_in_flight"] == 2 and load["r2"]["peak_in_flight"] == 1
+
+
+def test_conversation_cost_at_the_configured_prices() -> None:
+    price = TokenPrice(model="m", tier="shared", input_per_1m=1.0, cached_input_per_1m=0.5,
+                       output_per_1m=2.0)
+    records = two_conversations()
+    records.append(turn(3, 1, 3.0, prompt=100, cached=0, reusable=None, replica="r1",
+                        previous=None))  # a conversation cut after turn 1
+
+    def cost(r: cm.TurnRecord) -> float:
+        return price.cost(r.prompt_tokens or 0, r.cached_tokens or 0, r.output_tokens)
+
+    # conversation 1: uncached 100+104+108 at 1, cached 96+192 at 0.5, output 12 at 2 per 1M
+    one = (312 * 1.0 + 288 * 0.5 + 12 * 2.0) / 1e6
+    two = (100 + 200 + 108 + 192 * 0.5 + 12 * 2.0) / 1e6
+    assert cm.conversation_costs(records, cost, turns=3) == pytest.approx([one, two])
+    assert len(cm.conversation_costs(records, cost)) == 3  # no turn count: the cut one too
+    assert cm.conversation_costs(records, lambda r: None, turns=3) == []  # no price
+
+
+def conversation_result(records: list[RequestRecord]) -> RunResult:
+    tenant = {"key": "k", "api": "responses", "ignore_eos": False, "conversation": {"turns": 3},
+              "load": {"concurrency": 1}}
+    figures = [
+        {"kind": "conversation", "name": name, "tenant": "a", "figure": figure, **extra}
+        for name, figure, extra in (
+            ("reuse", "reused_share", {"goal": ">= 0.9"}),
+            ("cached", "cached_share", {"over": "pooled"}),
+            ("affinity", "affinity", {"goal": ">= 0.95"}),
+            ("cost", "cost", {}),
+        )
+    ]
+    scenario = parse_scenario({
+        "name": "conv", "model": "tiny-llama",
+        "target": {"tiered_config": "configs/p8-stateful.yaml"},
+        "tenants": {"a": tenant}, "phases": [{"name": "p", "duration_s": 5}],
+        "analysis": figures,
+    }, SCENARIO_DIR / "conv.yaml")
+    for r in records:
+        r.service_tier = "shared"
+    return RunResult(scenario, {}, t0=0.0, started_at="", records=records, finished=3.0)
+
+
+def test_conversation_figures_in_the_analysis_and_report() -> None:
+    result = conversation_result(two_conversations())
+    figures = {f["name"]: f for f in analyse(result, {})}
+    assert figures["reuse"]["value"] == pytest.approx(96 / 208) and figures["reuse"]["met"] is False
+    assert figures["reuse"]["details"]["pooled"] == pytest.approx(480 / 616)
+    assert figures["cached"]["value"] == pytest.approx(0.48) and figures["cached"]["met"] is None
+    aff = figures["affinity"]
+    assert aff["value"] == pytest.approx(0.75) and aff["met"] is False
+    assert aff["details"]["seats_per_replica"] == 8 and aff["details"]["saturated"] == []
+    # the p8 config's shared price: 0.20 input, 0.10 cached, 0.80 output per 1M tokens
+    one = (312 * 0.20 + 288 * 0.10 + 12 * 0.80) / 1e6
+    two = (408 * 0.20 + 192 * 0.10 + 12 * 0.80) / 1e6
+    cost = figures["cost"]
+    assert cost["value"] == pytest.approx((one + two) / 2) and cost["unit"] == "USD/conversation"
+    assert cost["details"]["completed_conversations"] == 2
+    text = render_text("conv", summaries(result, {}), list(figures.values()))
+    for expected in ("Conversations per turn", "46.2%", "75.0%", "USD/conversation",
+                     "3 of 4", "turns 2+: 46% 94%"):
+        assert expected in text, expected

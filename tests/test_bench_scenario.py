@@ -103,7 +103,7 @@ def test_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_every_shipped_scenario_loads() -> None:
     names = set(shipped())
     assert {"throughput_sweep", "p3_overhead", "p4_isolation", "p5_fairness", "p6_prefix",
-            "p7_autoscale"} <= names
+            "p7_autoscale", "p8_stateful"} <= names
     for name in names:
         s = load_scenario(name)
         assert s.analysis, name
@@ -163,3 +163,57 @@ def test_command_arguments() -> None:
     assert parse_endpoints(["echo=http://h:1/echo/v1/"]) == {"echo": "http://h:1/echo/v1"}
     with pytest.raises(ScenarioError, match="--endpoint"):
         parse_endpoints(["echo"])
+
+
+def conversing(api: str, **extra: object) -> dict:
+    tenant = {"key": "k", "api": api, "conversation": {"turns": 3}, "load": {"rate": 1}, **extra}
+    return minimal(tenants={"a": tenant})
+
+
+def test_responses_api_tenants() -> None:
+    s = parse_scenario(conversing("responses", ignore_eos=False))
+    assert s.tenants["a"].api == "responses" and s.tenants["a"].conversation.turns == 3
+    assert s.tenants["a"].first_input("hi") == [{"role": "user", "content": "hi"}]
+    # the default ignore_eos (a vLLM extension) is not sent; asking for it is an error
+    assert parse_scenario(conversing("responses")).tenants["a"].ignore_eos
+    with pytest.raises(ScenarioError, match="api: responses has no ignore_eos"):
+        parse_scenario(conversing("responses", ignore_eos=True))
+    with pytest.raises(ScenarioError, match="conversations need api: chat or api: responses"):
+        parse_scenario(conversing("completions"))
+    with pytest.raises(ScenarioError, match=r"tenants\.a\.api"):
+        parse_scenario(conversing("assistants"))
+    assert parse_scenario(minimal()).tenants["a"].first_input("hi") == [
+        {"role": "user", "content": "hi"}]
+    completions = minimal(tenants={"a": {"key": "k", "api": "completions", "load": {"rate": 1}}})
+    assert parse_scenario(completions).tenants["a"].first_input("hi") == "hi"
+
+
+def test_conversation_analysis_fields() -> None:
+    figure = {"kind": "conversation", "name": "f", "tenant": "a", "figure": "reused_share",
+              "goal": ">= 0.9"}
+    a = parse_scenario(conversing("chat") | {"analysis": [figure]}).analysis[0]
+    assert (a.figure, a.from_turn, a.over, a.phase) == ("reused_share", 2, "worst_turn", None)
+    for change, message in (
+        ({"tenant": "ghost"}, "unknown tenant 'ghost'"),
+        ({"phase": "nope"}, "unknown phase 'nope'"),
+        ({"figure": "vibes"}, "analysis.0.conversation.figure"),
+        ({"over": "median"}, "analysis.0.conversation.over"),
+        ({"from_turn": 0}, "analysis.0.conversation.from_turn"),
+    ):
+        with pytest.raises(ScenarioError, match=message):
+            parse_scenario(conversing("chat") | {"analysis": [figure | change]})
+
+
+def test_p8_stateful_arms() -> None:
+    s = load_scenario("p8_stateful")
+    arms = {name: t for name, t in s.tenants.items() if t.conversation}
+    assert {t.api for t in arms.values()} == {"chat", "responses"}
+    for t in arms.values():
+        assert t.conversation is not None and t.conversation.turns == 10
+        assert not t.ignore_eos  # the same stopping rule in both arms
+    loads = s.phase_loads(s.phases[0])
+    assert set(loads) == set(arms)  # side by side, in one phase
+    assert all((load.max_requests or 0) >= 20 for load in loads.values())
+    kinds = {(a.kind, getattr(a, "figure", None)) for a in s.analysis}
+    assert {("conversation", f) for f in ("cached_share", "reused_share", "affinity",
+                                          "cost")} <= kinds

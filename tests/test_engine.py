@@ -244,3 +244,24 @@ def test_merge_outputs_keeps_every_token_and_the_last_usage() -> None:
         (0, "hello", [1, 2], "stop"),
         (1, "x", [9], None),
     ]
+
+
+@pytest.mark.parametrize("retain", [True, False])
+def test_a_retained_prefix_outlives_a_stream_of_ordinary_requests(
+    tiny_model_dir: Path, retain: bool
+) -> None:
+    """24 blocks of 16: the conversation's 5 blocks, then 8 one-off requests of 5 blocks
+    each, one at a time. Plain LRU evicts the conversation (freed first); retained, it is
+    evicted only once no ordinary free block is left, which never happens here."""
+    small = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=24, block_size=16))
+    conversation, *others = _prompts(9, 2000, seed=13, low=70, high=70)
+    params = SamplingParams(max_tokens=4, **GREEDY)
+    first = generate(small, conversation, params, retain=retain)
+    assert first["usage"].cached_tokens == 0
+    for i, prompt in enumerate(others):
+        small.add_request(f"once{i}", prompt, params)
+        run_to_completion(small)
+    assert small.kv.num_used_blocks == 0
+    again = generate(small, conversation, params)
+    assert again["usage"].cached_tokens == (64 if retain else 0)
+    assert again["tokens"] == first["tokens"]

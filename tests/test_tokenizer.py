@@ -155,6 +155,26 @@ def test_the_history_is_a_token_prefix_of_the_next_turn(tok: Tokenizer) -> None:
         assert tok.encode_chat(turn)[: len(prompt)] == prompt, reply
 
 
+def test_sampled_reply_ids_make_the_next_turn_token_exact(tok: Tokenizer) -> None:
+    """A stored reply's sampled ids replace its text: the next prompt starts with the
+    previous prompt plus exactly those ids, even where re-tokenizing the text would not
+    give them back (a word sampled one character at a time)."""
+    history = [{"role": "user", "content": "Hi"}, {"role": "user", "content": "there"}]
+    prompt = tok.encode_chat(history)
+    word = "lighthouse"
+    sampled = [i for ch in word for i in tok.encode(ch, add_special_tokens=False)]
+    assert tok.encode(word, add_special_tokens=False) != sampled  # not canonical BPE
+    turn = [*history, {"role": "assistant", "content": tok.decode(sampled)},
+            {"role": "user", "content": "More"}]
+    spliced = tok.encode_chat(turn, sampled={2: sampled})
+    assert spliced[: len(prompt) + len(sampled)] == prompt + sampled
+    plain = tok.encode_chat(turn)
+    assert plain[: len(prompt) + len(sampled)] != prompt + sampled
+    # Everything after the reply is what the template renders without the splice.
+    assert spliced[len(prompt) + len(sampled):] == plain[-(len(spliced) - len(prompt)
+                                                            - len(sampled)):]
+
+
 def _with_template(tmp_path: Path, tiny_model_dir: Path, template: str) -> Tokenizer:
     tmp_path.mkdir()
     for name in ("tokenizer.json", "config.json"):

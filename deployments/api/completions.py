@@ -39,7 +39,6 @@ class Served:
     model: str
     tier: Tier
     spill: bool
-    builder: ResponseBuilder
     timer: RequestTimer
     finish: Finish
     started_at: float = field(default_factory=time.time)
@@ -71,22 +70,20 @@ class Served:
 
     def take(self, served: ServedOutput) -> None:
         self.timer.output()
-        self.usage = self.builder.usage = served.output.usage
+        self.usage = served.output.usage
 
 
-async def respond(
-    served: Served,
-    handle: DeploymentHandle,
-    stream: bool,
-    include_usage: bool,
-    headers: dict[str, str],
-) -> Response:
-    """The first output decides the status (an engine error before it is the request's
-    error); then a body, or an SSE stream that closes the claim when it ends."""
+def stream_outputs(served: Served, handle: DeploymentHandle) -> DeploymentResponseGenerator:
     outputs = handle.options(stream=True).generate.remote(served.job)
     assert isinstance(outputs, DeploymentResponseGenerator)  # stream=True above
+    return outputs
+
+
+async def first_output(served: Served, outputs: DeploymentResponseGenerator) -> ServedOutput:
+    """The first output decides the status: an engine error before it is the request's
+    error (closed and mapped to its OpenAI error here)."""
     try:
-        first: ServedOutput = await outputs.__anext__()
+        return await outputs.__anext__()
     except BaseException as exc:
         outputs.cancel()
         await served.close("error")
@@ -94,9 +91,26 @@ async def respond(
         if mapped is None:
             raise
         raise mapped from None
-    headers = {**headers, TIER_HEADER: served.tier, REPLICA_HEADER: first.replica_id}
+
+
+def served_headers(served: Served, first: ServedOutput, headers: dict[str, str]) -> dict[str, str]:
+    return {**headers, TIER_HEADER: served.tier, REPLICA_HEADER: first.replica_id}
+
+
+async def respond(
+    served: Served,
+    builder: ResponseBuilder,
+    handle: DeploymentHandle,
+    stream: bool,
+    include_usage: bool,
+    headers: dict[str, str],
+) -> Response:
+    """A body, or an SSE stream that closes the claim when it ends."""
+    outputs = stream_outputs(served, handle)
+    first = await first_output(served, outputs)
+    headers = served_headers(served, first, headers)
     if stream:
-        body = _sse(served, first, outputs, include_usage)
+        body = _sse(served, builder, first, outputs, include_usage)
         return ClosingStreamingResponse(body, media_type="text/event-stream", headers=headers)
     status: UsageStatus = "client_disconnect"
     try:
@@ -104,10 +118,11 @@ async def respond(
         while True:
             served.take(out)
             for delta in out.output.deltas:
-                served.builder.add(delta)
+                builder.add(delta)
             if out.output.finished:
                 break
             out = await outputs.__anext__()
+        builder.usage = served.usage
         status = "ok"
     except Exception as exc:
         status = "error"
@@ -118,16 +133,16 @@ async def respond(
     finally:
         outputs.cancel()
         await served.close(status)
-    return JSONResponse(served.builder.body(), headers=headers)
+    return JSONResponse(builder.body(), headers=headers)
 
 
 async def _sse(
     served: Served,
+    builder: ResponseBuilder,
     first: ServedOutput,
     outputs: DeploymentResponseGenerator,
     include_usage: bool,
 ) -> AsyncIterator[str]:
-    builder = served.builder
     started: set[int] = set()
     offsets: dict[int, int] = {}
     status: UsageStatus = "client_disconnect"
@@ -146,6 +161,7 @@ async def _sse(
             if out.output.finished:
                 break
             out = await outputs.__anext__()
+        builder.usage = served.usage
         status = "ok"
         # Finished before the last events go out: a client that has read [DONE] knows
         # its usage is with admission (and on its way to the ledger).

@@ -287,3 +287,11 @@ def install_error_handlers(app: FastAPI) -> None:
             return OpenAIError(499, "request cancelled", code="client_closed").response()
         log.exception("unhandled error")  # the text stays here; the client gets a sentence
         return OpenAIError(500, SERVER_ERROR_MESSAGE).response()
+
+
+def state_unavailable() -> OpenAIError:
+    """The state store is down: a 503 the client may retry, never a 500."""
+    return OpenAIError(
+        503, "The state store is unavailable; stored responses and conversations cannot be "
+        "read or written right now. Retry shortly.", code="state_store_unavailable",
+    )

@@ -12,7 +12,9 @@ the request ends.
 import json
 import time
 import uuid
-from typing import Any
+from collections.abc import Awaitable
+from functools import partial
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -21,23 +23,35 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.api.admin import require_admin, usage_report
 from deployments.api.completions import Served, respond
-from deployments.api.errors import OpenAIError, install_error_handlers, set_body_limit
+from deployments.api.conversations import StatefulReads
+from deployments.api.errors import (
+    OpenAIError,
+    install_error_handlers,
+    set_body_limit,
+    state_unavailable,
+)
 from deployments.api.limits import (
     admission_unavailable,
     ratelimit_headers,
     refusal_error,
     rejection_reason,
 )
-from deployments.api.prompts import ServedModel
+from deployments.api.prompts import Prompt, ServedModel
 from deployments.api.protocol import OpenAIRequest, parse_request
 from deployments.api.responses import ResponseBuilder
+from deployments.api.responses_protocol import parse_responses_request
+from deployments.api.turns import RESPONSE_ID_PREFIX, Dispatched, TurnService
+from deployments.api.upkeep import Upkeep
 from deployments.config.plan import dedicated_pool_key
 from deployments.config.tenants import TenantSpec
 from deployments.config.tiered import TieredConfig
 from deployments.observability.requests import RequestMetricsMiddleware, RequestTimer
 from deployments.replicas.requests import GenerateRequest
 from deployments.state.config import resolve_state_spec
+from deployments.state.conversations import ConversationStore
+from deployments.state.errors import StateError
 from deployments.state.ledger import Ledger
+from deployments.state.responses import ResponseStore
 from deployments.state.store import StateStore
 from deployments.tenancy.client import AdmissionClient, AdmissionUnavailable
 from deployments.tenancy.keys import load_key_rings
@@ -45,6 +59,7 @@ from deployments.tenancy.policy import admission_config
 from deployments.tenancy.types import Admission, AdmissionRequest, UsageRecord
 
 INGRESS_HEADER = "x-tiered-ingress"
+T = TypeVar("T")
 DRAIN_TIMEOUT_S = 10.0  # a stopping replica waits this long for its usage to be committed
 
 app = FastAPI(title="Tiered", version="0.1.0", description="OpenAI-compatible multi-tenant API")
@@ -61,6 +76,13 @@ def _bearer(request: Request) -> str | None:
 
 def _include_usage(req: OpenAIRequest) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage)
+
+
+async def _json_body(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise OpenAIError(400, "We could not parse the JSON body of your request.") from None
 
 
 @serve.ingress(app)
@@ -81,14 +103,25 @@ class Ingress:
             context.app_name, admission_config(self.config, time.time()), self.owner
         )
         await self.admission.start()
-        # Reads only (the admission actor writes and migrates): connects on first use.
-        self.ledger = Ledger(StateStore.connect(resolve_state_spec(self.config.state)))
+        # The admission actor migrates and writes the ledger; this replica reads the
+        # ledger and reads and writes stored responses. Connects on first use.
+        self.store = StateStore.connect(resolve_state_spec(self.config.state))
+        self.ledger = Ledger(self.store)
+        self.responses = ResponseStore(self.store)
+        self.conversations = ConversationStore(self.store)
+        self.reads = StatefulReads(self.responses, self.conversations)
+        # A response in progress longer than ten request timeouts lost its ingress.
+        stale_after_s = self.config.ingress.request_timeout_s * 10
+        self.upkeep = Upkeep(self.responses, self.conversations, stale_after_s)
+        self.upkeep.start()
+        self.turns = TurnService(self.config, self.responses, self.conversations, self.upkeep)
 
     async def __del__(self) -> None:
         """Serve calls this when the replica stops (scale-down, redeploy, shutdown):
         every usage record this replica holds reaches the database first."""
+        await self.upkeep.stop()
         await self.admission.drain(DRAIN_TIMEOUT_S)
-        await self.ledger.store.close()
+        await self.store.close()
 
     async def check_health(self) -> None:
         """Serve's periodic health check doubles as this replica's heartbeat to the
@@ -133,6 +166,81 @@ class Ingress:
     async def completions(self, request: Request) -> Response:
         return await self._complete(request, "completion")
 
+    # ---- the stateful API (deployments.api.history, response_run, conversations) -----
+    @app.post("/v1/responses")
+    async def create_response(self, request: Request) -> Response:
+        return await self._complete(request, "response")
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(self, request: Request, response_id: str) -> dict[str, Any]:
+        return await self._stored(self.reads.get_response(self._authenticate(request), response_id))
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(self, request: Request, response_id: str) -> dict[str, Any]:
+        tenant = self._authenticate(request)
+        return await self._stored(self.reads.delete_response(tenant, response_id))
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def response_input_items(self, request: Request, response_id: str) -> dict[str, Any]:
+        tenant = self._authenticate(request)
+        query = dict(request.query_params)
+        return await self._stored(self.reads.input_items(tenant, response_id, query))
+
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel_response(self, request: Request, response_id: str) -> dict[str, Any]:
+        tenant = self._authenticate(request)
+        body = await self._stored(self.reads.cancel_response(tenant, response_id))
+        self.upkeep.cancel_here(response_id)
+        return body
+
+    @app.post("/v1/conversations")
+    async def create_conversation(self, request: Request) -> dict[str, Any]:
+        tenant = self._authenticate(request)
+        body = await _json_body(request)
+        return await self._stored(self.reads.create_conversation(tenant, body))
+
+    @app.get("/v1/conversations/{conv_id}")
+    async def get_conversation(self, request: Request, conv_id: str) -> dict[str, Any]:
+        tenant = self._authenticate(request)
+        return await self._stored(self.reads.get_conversation(tenant, conv_id))
+
+    @app.post("/v1/conversations/{conv_id}")
+    async def update_conversation(self, request: Request, conv_id: str) -> dict[str, Any]:
+        tenant = self._authenticate(request)
+        body = await _json_body(request)
+        return await self._stored(self.reads.update_conversation(tenant, conv_id, body))
+
+    @app.delete("/v1/conversations/{conv_id}")
+    async def delete_conversation(self, request: Request, conv_id: str) -> dict[str, Any]:
+        tenant = self._authenticate(request)
+        return await self._stored(self.reads.delete_conversation(tenant, conv_id))
+
+    @app.post("/v1/conversations/{conv_id}/items")
+    async def add_conversation_items(self, request: Request, conv_id: str) -> dict[str, Any]:
+        tenant = self._authenticate(request)
+        body = await _json_body(request)
+        return await self._stored(self.reads.add_items(tenant, conv_id, body))
+
+    @app.get("/v1/conversations/{conv_id}/items")
+    async def list_conversation_items(self, request: Request, conv_id: str) -> dict[str, Any]:
+        tenant = self._authenticate(request)
+        query = dict(request.query_params)
+        return await self._stored(self.reads.list_items(tenant, conv_id, query))
+
+    @app.get("/v1/conversations/{conv_id}/items/{item_id}")
+    async def get_conversation_item(
+        self, request: Request, conv_id: str, item_id: str
+    ) -> dict[str, Any]:
+        tenant = self._authenticate(request)
+        return await self._stored(self.reads.get_item(tenant, conv_id, item_id))
+
+    @app.delete("/v1/conversations/{conv_id}/items/{item_id}")
+    async def delete_conversation_item(
+        self, request: Request, conv_id: str, item_id: str
+    ) -> dict[str, Any]:
+        tenant = self._authenticate(request)
+        return await self._stored(self.reads.delete_item(tenant, conv_id, item_id))
+
     # ---- the request path -----------------------------------------------------------
     def _authenticate(self, request: Request) -> TenantSpec:
         token = _bearer(request)
@@ -163,16 +271,44 @@ class Ingress:
         if blocked is not None:  # still over its limits: answered from the last decision
             raise self._refused(request, blocked, tenant)
         timer = RequestTimer(model="unknown")
-        body = await request.body()
-        try:
-            parsed = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise OpenAIError(400, "We could not parse the JSON body of your request.") from None
+        parsed = await _json_body(request)
+        if kind == "response":
+            turn = parse_responses_request(parsed)
+            model = self._model(request, tenant, turn.model, timer)
+            return await self.turns.serve(
+                tenant, model, turn, partial(self._dispatch, request, tenant, model, timer)
+            )
         req = parse_request("chat" if kind == "chat" else "completion", parsed)
-        model = self.models.get(req.model)
+        model = self._model(request, tenant, req.model, timer)
+        prompt = model.prompt(req, self.config.ingress.default_max_tokens)
+        claim_id = uuid.uuid4().hex
+        prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+        served, handle, headers = await self._dispatch(
+            request, tenant, model, timer, prompt, req.service_tier, claim_id, prefix + claim_id
+        )
+        builder = ResponseBuilder(kind, served.job.request_id, model.name, served.tier, req.n)
+        try:
+            return await respond(
+                served, builder, handle, bool(req.stream), _include_usage(req), headers
+            )
+        except OpenAIError as exc:
+            exc.headers = {**headers, **exc.headers}
+            raise
+
+    async def _stored(self, work: Awaitable[T]) -> T:
+        """Await a state-store call: an outage is a 503, never a 500."""
+        try:
+            return await work
+        except StateError:
+            raise state_unavailable() from None
+
+    def _model(
+        self, request: Request, tenant: TenantSpec, name: str, timer: RequestTimer
+    ) -> ServedModel:
+        model = self.models.get(name)
         if model is None:
             raise OpenAIError(
-                404, f"The model '{req.model}' does not exist", param="model",
+                404, f"The model '{name}' does not exist", param="model",
                 code="model_not_found",
             )
         request.state.model = timer.model = model.name
@@ -181,15 +317,30 @@ class Ingress:
                 403, f"tenant '{tenant.name}' may not use model '{model.name}'",
                 param="model", code="model_not_allowed",
             )
-        prompt = model.prompt(req, self.config.ingress.default_max_tokens)
-        claim_id = uuid.uuid4().hex
+        return model
+
+    async def _dispatch(
+        self,
+        request: Request,
+        tenant: TenantSpec,
+        model: ServedModel,
+        timer: RequestTimer,
+        prompt: Prompt,
+        service_tier: str | None,
+        claim_id: str,
+        request_id: str,
+        affinity_replica: str | None = None,
+    ) -> Dispatched:
+        """One admission decision, then the job for the pool it chose. A stateful turn
+        names the replica that served its previous turn and asks that its blocks be kept
+        ahead of others in eviction (its next turn will want them)."""
         admission = await self._admit(
             request, tenant, AdmissionRequest(
                 claim_id=claim_id,
                 tenant=tenant.name,
                 model=model.name,
                 cost=prompt.cost,
-                prefer_dedicated=req.service_tier != "default",
+                prefer_dedicated=service_tier != "default",
                 owner=self.owner,
             ),
         )
@@ -198,29 +349,23 @@ class Ingress:
         request.state.tier = timer.tier
         dedicated = admission.tier == "dedicated"
         handle = self.handles[dedicated_pool_key(tenant.name) if dedicated else model.name]
-        prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         job = GenerateRequest(
-            request_id=prefix + claim_id,
+            request_id=request_id,
             prompt=prompt.token_ids,
             params=prompt.params,
             priority=admission.band,
             cache_salt=tenant.name,
+            affinity_replica=affinity_replica,
+            retain=request_id.startswith(RESPONSE_ID_PREFIX),
         )
 
         async def finish(usage: UsageRecord | None) -> None:
             await self.admission.finish(claim_id, usage)
 
         served = Served(
-            job, tenant.name, model.name, admission.tier, admission.spill,
-            ResponseBuilder(kind, job.request_id, model.name, admission.tier, req.n),
-            timer, finish,
+            job, tenant.name, model.name, admission.tier, admission.spill, timer, finish
         )
-        headers = ratelimit_headers(admission.limits)
-        try:
-            return await respond(served, handle, bool(req.stream), _include_usage(req), headers)
-        except OpenAIError as exc:
-            exc.headers = {**headers, **exc.headers}
-            raise
+        return Dispatched(served, handle, ratelimit_headers(admission.limits))
 
     async def _admit(
         self, request: Request, tenant: TenantSpec, ask: AdmissionRequest

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from deployments.api.errors import OpenAIError
 from deployments.api.protocol import ChatCompletionRequest, OpenAIRequest
@@ -42,22 +43,45 @@ class ServedModel:
     def prompt(self, req: OpenAIRequest, default_max_tokens: int) -> Prompt:
         chat = isinstance(req, ChatCompletionRequest)
         ids = self._token_ids(req)
-        room = self.context - len(ids)
-        max_tokens = req.requested_max_tokens() or min(default_max_tokens, room)
+        max_tokens = self._max_tokens(
+            len(ids), req.requested_max_tokens(), default_max_tokens,
+            "messages" if chat else "prompt",
+        )
+        params = _sampling(req.sampling(max_tokens, req.logprobs_k()))
+        return Prompt(ids, params, len(ids) + max_tokens * req.n)
+
+    def turn_prompt(
+        self,
+        messages: list[dict[str, str]],
+        sampled: dict[int, list[int]],
+        max_output_tokens: int | None,
+        sampling: dict[str, Any],
+        default_max_tokens: int,
+    ) -> Prompt:
+        """A Responses turn: the stored history and the new input through the chat
+        template, stored replies as the ids the model sampled (a token-exact prefix)."""
+        try:
+            ids = self.tokenizer.encode_chat(messages, sampled=sampled)
+        except InvalidRequestError as exc:
+            raise OpenAIError(400, exc.message, param="input", code=exc.code) from None
+        max_tokens = self._max_tokens(len(ids), max_output_tokens, default_max_tokens, "input")
+        return Prompt(ids, _sampling({**sampling, "max_tokens": max_tokens}), len(ids) + max_tokens)
+
+    def _max_tokens(
+        self, prompt_len: int, requested: int | None, default_max_tokens: int, param: str
+    ) -> int:
+        room = self.context - prompt_len
+        max_tokens = requested or min(default_max_tokens, room)
         if max_tokens > room or room <= 0:
             raise OpenAIError(
                 400,
                 f"This model's maximum context length is {self.context} tokens. However, you "
-                f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, "
+                f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, "
                 f"{max_tokens} in the completion).",
-                param="messages" if chat else "prompt",
+                param=param,
                 code="context_length_exceeded",
             )
-        try:
-            params = SamplingParams(**req.sampling(max_tokens, req.logprobs_k()))
-        except InvalidRequestError as exc:
-            raise OpenAIError(400, exc.message, param=exc.param, code=exc.code) from None
-        return Prompt(ids, params, len(ids) + max_tokens * req.n)
+        return max_tokens
 
     def _token_ids(self, req: OpenAIRequest) -> list[int]:
         tok = self.tokenizer
@@ -70,3 +94,10 @@ class ServedModel:
         prompt = req.single_prompt()
         # Token ids are checked against the vocabulary once, by the engine (a 400).
         return tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+
+def _sampling(values: dict[str, Any]) -> SamplingParams:
+    try:
+        return SamplingParams(**values)
+    except InvalidRequestError as exc:
+        raise OpenAIError(400, exc.message, param=exc.param, code=exc.code) from None

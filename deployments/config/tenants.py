@@ -89,6 +89,16 @@ class DedicatedSpec(BaseModel):
         return self
 
 
+class RetentionSpec(BaseModel):
+    """How long the stateful API keeps a tenant's objects; None keeps them until deleted.
+    OpenAI keeps responses 30 days and conversations until deleted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    responses_days: float | None = Field(30.0, gt=0)
+    conversations_days: float | None = Field(None, gt=0)
+
+
 class TenantSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -102,6 +112,7 @@ class TenantSpec(BaseModel):
     max_concurrency: int | None = Field(None, ge=1)
     models: list[str] = Field(default_factory=list, description="Allowed models; empty = all.")
     dedicated: DedicatedSpec | None = None
+    retention: RetentionSpec = RetentionSpec()
 
     @model_validator(mode="after")
     def _tier_matches(self) -> TenantSpec:

@@ -37,6 +37,7 @@ from deployments.config.models import (
 from deployments.config.plan import ADMISSION_NAMESPACE, admission_actor_name
 from deployments.config.resources import replica_bundles
 from deployments.observability.replicas import ReplicaExporter
+from deployments.replicas.affinity_router import affinity_router_config
 from deployments.replicas.placement import replica_actor_options, worker_actor_options
 from deployments.replicas.requests import GenerateRequest, ServedOutput
 from deployments.replicas.tp_worker import TPWorker, rendezvous_address
@@ -141,6 +142,7 @@ class ModelServer:
             request.params,
             priority=request.priority,
             cache_salt=request.cache_salt,
+            retain=request.retain,
         ):
             yield ServedOutput(out, self.replica_id)
 
@@ -279,6 +281,9 @@ def model_server_deployment(
         placement_group_strategy=replica.placement_strategy,
         health_check_period_s=replica.health_check_period_s,
         health_check_timeout_s=max(10.0, WORKER_PING_TIMEOUT_S * 2),
+        # Continuations go back to the replica holding their prefix unless it is saturated,
+        # read from record_routing_stats every second.
+        request_router_config=affinity_router_config(),
         # Serve stops routing here, waits up to this long for in-flight requests, runs
         # __del__ if time is left, then kills the actor (its workers die with it: they are
         # its children, in its bundles) and removes the placement group.

@@ -18,6 +18,12 @@ class GenerateRequest:
     params: SamplingParams
     priority: int = 0  # the engine's band: the tenant's, or shared priority when spilled
     cache_salt: str | None = None  # the tenant: prefix-cache hits never cross tenants
+    # The replica (`ServedOutput.replica_id`) that served this conversation's previous
+    # turn: its KV cache holds the prefix, so the router prefers it unless it is gone or
+    # saturated (deployments/replicas/affinity_router.py).
+    affinity_replica: str | None = None
+    # A stored conversation's turn: its KV blocks are evicted after ordinary requests'.
+    retain: bool = False
 
 
 @dataclass

@@ -9,12 +9,15 @@ dialects then store the same instant and compare it the same way.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
+    JSON,
     Boolean,
     DateTime,
     Dialect,
     Float,
+    ForeignKey,
     Index,
     Integer,
     MetaData,
@@ -92,3 +95,68 @@ class ReservationSecondsRow(Base):
     hour: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)  # the hour's start
     model: Mapped[str] = mapped_column(String)
     seconds: Mapped[float] = mapped_column(Float)
+
+
+class ResponseRow(Base):
+    """A stored Response (`store: true`). `previous_response_id` is no foreign key: the
+    previous one may be deleted or purged, and a chain that crosses it then reads as
+    broken instead of the delete being refused. Items are JSON lists of
+    {"id", "item", "token_ids"}."""
+
+    __tablename__ = "responses"
+
+    id: Mapped[str] = mapped_column(String, primary_key=True)  # "resp_…"
+    tenant: Mapped[str] = mapped_column(String)
+    model: Mapped[str] = mapped_column(String)
+    status: Mapped[str] = mapped_column(String)  # in_progress|completed|incomplete|failed|cancelled
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)  # None: never
+    previous_response_id: Mapped[str | None] = mapped_column(String, nullable=True)
+    conversation_id: Mapped[str | None] = mapped_column(String, nullable=True)
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)  # the Response object as last returned
+    input_items: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    output_items: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    replica_id: Mapped[str | None] = mapped_column(String, nullable=True)  # for KV affinity
+
+    __table_args__ = (
+        Index("ix_responses_tenant_created_at", "tenant", "created_at"),
+        Index("ix_responses_expires_at", "expires_at"),
+        Index("ix_responses_status", "status"),
+        # a conversation's latest response (its replica, for affinity)
+        Index("ix_responses_conversation_id_created_at", "conversation_id", "created_at"),
+    )
+
+
+class ConversationRow(Base):
+    """A conversation; its items live in conversation_items."""
+
+    __tablename__ = "conversations"
+
+    id: Mapped[str] = mapped_column(String, primary_key=True)  # "conv_…"
+    tenant: Mapped[str] = mapped_column(String)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    metadata_: Mapped[dict[str, str]] = mapped_column("metadata", JSON)
+
+    __table_args__ = (Index("ix_conversations_expires_at", "expires_at"),)
+
+
+class ConversationItemRow(Base):
+    """One item of a conversation; `seq` orders them. The FK cascades on PostgreSQL only
+    (SQLite leaves foreign keys off), so deletes remove items explicitly as well."""
+
+    __tablename__ = "conversation_items"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String, unique=True)  # "msg_…"
+    conversation_id: Mapped[str] = mapped_column(
+        String, ForeignKey("conversations.id", ondelete="CASCADE")
+    )
+    tenant: Mapped[str] = mapped_column(String)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    item: Mapped[dict[str, Any]] = mapped_column(JSON)
+    token_ids: Mapped[list[int] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+
+    __table_args__ = (
+        Index("ix_conversation_items_conversation_id_seq", "conversation_id", "seq"),
+    )
