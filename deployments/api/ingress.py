@@ -12,7 +12,7 @@ the request ends.
 import json
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from functools import partial
 from typing import Any, TypeVar
 
@@ -115,6 +115,7 @@ class Ingress:
         self.upkeep = Upkeep(self.responses, self.conversations, stale_after_s)
         self.upkeep.start()
         self.turns = TurnService(self.config, self.responses, self.conversations, self.upkeep)
+        self._schema_ready = False
 
     async def __del__(self) -> None:
         """Serve calls this when the replica stops (scale-down, redeploy, shutdown):
@@ -275,6 +276,7 @@ class Ingress:
         if kind == "response":
             turn = parse_responses_request(parsed)
             model = self._model(request, tenant, turn.model, timer)
+            await self._stored(self._migrated())
             return await self.turns.serve(
                 tenant, model, turn, partial(self._dispatch, request, tenant, model, timer)
             )
@@ -295,12 +297,23 @@ class Ingress:
             exc.headers = {**headers, **exc.headers}
             raise
 
-    async def _stored(self, work: Awaitable[T]) -> T:
+    async def _stored(self, work: Coroutine[Any, Any, T]) -> T:
         """Await a state-store call: an outage is a 503, never a 500."""
         try:
+            await self._migrated()
             return await work
         except StateError:
             raise state_unavailable() from None
+        finally:
+            work.close()  # a no-op once awaited; else the call never started
+
+    async def _migrated(self) -> None:
+        """The stored-response tables exist before their first use. The admission actor
+        migrates only a database it opened itself (a reused actor keeps its own), so this
+        replica prepares the store too, once, under the store's migration lock."""
+        if not self._schema_ready:
+            await self.store.prepare()
+            self._schema_ready = True
 
     def _model(
         self, request: Request, tenant: TenantSpec, name: str, timer: RequestTimer

@@ -61,8 +61,27 @@ class AdmissionActor(AdmissionState):
         return self.config.version
 
     async def configure(self, config: AdmissionConfig) -> float:  # type: ignore[override]
+        version = super().configure(config)
+        if version == config.version:
+            await self._adopt_state(config)
         self._start_background()
-        return super().configure(config)
+        return version
+
+    async def _adopt_state(self, config: AdmissionConfig) -> None:
+        """A redeploy that names another database moves the ledger there: this detached
+        actor outlives the app, and must not keep writing to the old one."""
+        spec = resolve_state_spec(config.state) if config.state is not None else None
+        current = self.ledger.ledger.store.spec if self.ledger is not None else None
+        if spec == current:
+            return
+        if self.ledger is not None:
+            if self._preparing is not None:
+                self._preparing.cancel()
+            await self.ledger.stop()
+            await self.ledger.ledger.store.close()
+        self._preparing = None
+        self.ledger = LedgerWriter(Ledger(StateStore.connect(spec))) if spec else None
+        log.info("ledger: state store changed by configure")
 
     async def admit(self, req: AdmissionRequest) -> Admission:
         self._start_background()
