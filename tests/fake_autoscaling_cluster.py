@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,13 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.ports import free_port
+
 RAY_TMP = Path("/tmp/ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def autoscaler_config(
@@ -76,7 +71,7 @@ class FakeAutoscalingCluster:
     ) -> None:
         self.config = autoscaler_config(worker_node_types, head_cpus, idle_timeout_minutes)
         self.head_cpus = head_cpus
-        self.port = _free_port()
+        self.port = free_port()
         self.address = ""
         self.session_dir = ""
         self.env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -101,8 +96,8 @@ class FakeAutoscalingCluster:
                 f"--autoscaling-config={path}",
                 f"--num-cpus={self.head_cpus}",
                 "--include-dashboard=false",
-                f"--dashboard-agent-listen-port={_free_port()}",
-                f"--ray-client-server-port={_free_port()}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--ray-client-server-port={free_port()}",
             ],
             env=env,
             check=True,

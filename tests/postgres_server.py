@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from tests.conftest import free_port
+from tests.ports import free_port
 
 START_TIMEOUT_S = 30.0
 COMMAND_TIMEOUT_S = 60.0

@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from deployments.tenancy.keys import hash_key
-from tests.conftest import free_port
 from tests.ledger_load import LoadClients, Tokens, ledger_rows
+from tests.ports import free_port
 from tests.postgres_server import PostgresServer
 from tests.state_fixtures import postgres_server  # noqa: F401
 

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
+import threading
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -72,6 +75,41 @@ def test_concurrent_opens_migrate_once(state_spec: StateSpec) -> None:  # noqa: 
         return rev
 
     assert run(go()) == [HEAD]
+
+
+def test_open_waits_out_a_write_lock_on_a_fresh_sqlite_file(tmp_path: Path) -> None:
+    """SQLite answers `PRAGMA journal_mode = WAL` with "database is locked" at once, busy
+    timeout or not, while another connection holds the write lock on a file not yet in WAL
+    (as a sibling replica migrating does): open must wait that out within its deadline."""
+    db = tmp_path / "fresh.db"
+    spec = StateSpec(url=f"sqlite+aiosqlite:///{db}", connect_timeout_s=5.0)
+    held, release = threading.Event(), threading.Event()
+
+    def hold_write_lock() -> None:
+        other = sqlite3.connect(db, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("CREATE TABLE squatter (x)")
+        held.set()
+        release.wait(10)
+        other.execute("COMMIT")
+        other.close()
+
+    holder = threading.Thread(target=hold_write_lock)
+    holder.start()
+    held.wait(10)
+    threading.Timer(1.0, release.set).start()
+    try:
+        async def go() -> list[str]:
+            store = await StateStore.open(spec)
+            try:
+                return await revision(store)
+            finally:
+                await store.close()
+
+        assert run(go()) == [HEAD]
+    finally:
+        release.set()
+        holder.join(10)
 
 
 def test_migrate_false_on_empty_db_refuses(state_spec: StateSpec) -> None:  # noqa: F811

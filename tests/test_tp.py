@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from models.engine_config import EngineConfig
 from models.runner import ModelRunner, StepBatch
 from models.tp import init_parallel, single_process
 from tests.checkpoints import write_hf_checkpoint
+from tests.ports import free_port
 
 pytest.importorskip("transformers")
 
@@ -40,12 +40,6 @@ def _rank_main(rank: int, port: int, config: EngineConfig, results: dict) -> Non
         results[rank] = (shapes, numel, None)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("tie", [False, True])
 def test_tp2_matches_tp1_and_shards_weights(tmp_path: Path, tie: bool) -> None:
     ckpt = write_hf_checkpoint(tmp_path / "ckpt", kv_heads=2, tie=tie, vocab_size=511)
@@ -57,7 +51,7 @@ def test_tp2_matches_tp1_and_shards_weights(tmp_path: Path, tie: bool) -> None:
     manager = mp.get_context("spawn").Manager()
     results = manager.dict()
     mp.start_processes(
-        _rank_main, args=(_free_port(), config, results), nprocs=2, start_method="spawn"
+        _rank_main, args=(free_port(), config, results), nprocs=2, start_method="spawn"
     )
     shapes0, numel0, got = results[0]
     shapes1, numel1, _ = results[1]

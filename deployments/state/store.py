@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.resources import files
@@ -24,6 +25,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -62,17 +64,17 @@ def short_reason(exc: BaseException, url: URL) -> str:
 
 
 def _sqlite_listeners(engine: AsyncEngine, busy_timeout_ms: int) -> None:
-    """WAL (readers never block the writer), a busy timeout, and transactions we begin
-    ourselves (the driver's implicit BEGIN skips DDL, so migrations would not be atomic;
-    this is SQLAlchemy's documented recipe). `sqlite_begin="IMMEDIATE"` in a connection's
-    execution options takes the write lock up front (used to serialise migrators)."""
+    """A busy timeout (WAL, which the file keeps, is set by `StateStore._probe`), and
+    transactions we begin ourselves (the driver's implicit BEGIN skips DDL, so migrations
+    would not be atomic; this is SQLAlchemy's documented recipe). `sqlite_begin="IMMEDIATE"`
+    in a connection's execution options takes the write lock up front (used to serialise
+    migrators)."""
 
     @event.listens_for(engine.sync_engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
-        cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute("PRAGMA synchronous = NORMAL")  # durable with WAL, except on power loss
         cursor.close()
 
@@ -153,15 +155,35 @@ class StateStore:
 
         async def select_one() -> None:
             async with self.engine.connect() as conn:
+                if self.dialect == "sqlite":
+                    await self._enter_wal(conn)
                 await conn.execute(text("SELECT 1"))
 
         try:
             await asyncio.wait_for(select_one(), timeout)
-        except (OSError, TimeoutError, DBAPIError) as exc:
+        except (OSError, TimeoutError, DBAPIError, sqlite3.Error) as exc:
             reason = short_reason(exc, parse_url(self.spec.url))
             raise StateError(
                 f"state.url: cannot connect to {self.url} within {timeout:g}s: {reason}"
             ) from None
+
+    @staticmethod
+    async def _enter_wal(conn: AsyncConnection) -> None:
+        """WAL: readers never block the writer, and the file keeps the mode. SQLite refuses
+        the switch at once ("database is locked", no busy handler) while another connection
+        holds the write lock on a file still in rollback mode, as a sibling replica
+        migrating a fresh file does: retry (the caller's deadline bounds it)."""
+        raw = await conn.get_raw_connection()  # outside any transaction, which WAL needs
+        driver = raw.driver_connection  # the aiosqlite connection
+        assert driver is not None
+        while True:
+            try:
+                await driver.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc):
+                    raise
+                await asyncio.sleep(0.05)
 
     async def _migrate(self) -> None:
         cfg = alembic_config()
