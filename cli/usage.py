@@ -105,6 +105,7 @@ def register(groups: argparse._SubParsersAction) -> None:
     cmd.add_argument("--end", default=None, help="exclusive; ISO date or datetime (default: now)")
     cmd.add_argument("--tenant", default=None, help="only this tenant")
     cmd.add_argument("--group-by", default=None,
-                     help="comma list of tenant,tier,model,day,spill (default tenant,tier,model)")
+                     help="comma list of tenant,tier,model,day,spill,adapter "
+                          "(default tenant,tier,model)")
     cmd.add_argument("--format", choices=["table", "csv", "json"], default="table")
     cmd.set_defaults(handler=usage_command)

@@ -1,7 +1,9 @@
 """The synchronous engine: requests in, one batched step at a time, deltas out.
 
 `prepare` validates and tokenizes without touching engine state, so an async front end can
-raise bad-input errors in the caller's thread and hand only valid work to the loop.
+raise bad-input errors in the caller's thread and hand only valid work to the loop. Loading a
+LoRA adapter splits the same way: `stage_lora` (fetch, validate, read; any thread) and
+`install_lora` (every rank takes its slices; the engine's thread).
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ from dataclasses import dataclass, field
 
 from models.detokenizer import IncrementalDetokenizer
 from models.engine_config import EngineConfig
-from models.errors import ContextLengthExceededError, InvalidRequestError
+from models.errors import ContextLengthExceededError, InvalidRequestError, LoRALoadError
 from models.kv_manager import KVCacheManager
+from models.lora import LoRARequest
+from models.lora_fetch import StagedAdapter, stage_adapter
+from models.lora_manager import LoRAManager
 from models.outputs import (
     CompletionDelta,
     EngineStats,
@@ -71,7 +76,19 @@ class LLMEngine:
         self.kv = KVCacheManager(
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching
         )
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.loras = (
+            LoRAManager(
+                self.runner,
+                config.max_loras,
+                config.cpu_lora_capacity,
+                lambda: self.scheduler.adapter_keys(),
+            )
+            if config.max_loras
+            else None
+        )
+        self.scheduler = Scheduler(
+            self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.loras
+        )
         self._requests: dict[str, _RequestState] = {}
         self._generated: deque[tuple[float, int]] = deque()
         self._prompt_tokens_total = 0
@@ -88,12 +105,16 @@ class LLMEngine:
         priority: int = 0,
         cache_salt: str | None = None,
         retain: bool = False,
+        lora: LoRARequest | None = None,
     ) -> PreparedRequest:
         """Tokenize and check the prompt against the model; raises InvalidRequestError /
         ContextLengthExceededError. `params` validated itself when it was made, and a
         duplicate id is refused once, by `admit`, on the engine's own thread. `retain`
         (a turn of a stored conversation) keeps its KV blocks ahead of ordinary ones in
-        eviction, so the next turn's prefix is likelier still cached."""
+        eviction, so the next turn's prefix is likelier still cached. `lora` runs the
+        request on that adapter; `admit` loads it if it is not in memory."""
+        if lora is not None:
+            self._require_loras()
         token_ids = self._tokenize(prompt)
         total = len(token_ids) + params.max_tokens
         if total > self.max_model_len:
@@ -114,6 +135,7 @@ class LLMEngine:
                     priority=priority,
                     cache_salt=cache_salt,
                     retain=retain,
+                    lora=lora,
                     leader=seqs[0] if index else None,
                     generator=make_generator(params.seed, index),
                 )
@@ -140,6 +162,9 @@ class LLMEngine:
     def admit(self, prepared: PreparedRequest) -> None:
         if prepared.request_id in self._requests:
             raise InvalidRequestError(f"duplicate request id {prepared.request_id!r}", "request_id")
+        lora = prepared.seqs[0].lora
+        if lora is not None:
+            self.load_lora(lora)  # normally already held; raises LoRALoadError
         self._requests[prepared.request_id] = _RequestState(prepared)
         self._prompt_tokens_total += len(prepared.seqs[0].prompt_token_ids)
         for seq in prepared.seqs:
@@ -154,12 +179,52 @@ class LLMEngine:
         priority: int = 0,
         cache_salt: str | None = None,
         retain: bool = False,
+        lora: LoRARequest | None = None,
     ) -> None:
         self.admit(
             self.prepare(
-                request_id, prompt, params, priority=priority, cache_salt=cache_salt, retain=retain
+                request_id,
+                prompt,
+                params,
+                priority=priority,
+                cache_salt=cache_salt,
+                retain=retain,
+                lora=lora,
             )
         )
+
+    # ---- LoRA adapters --------------------------------------------------------------
+    def _require_loras(self) -> LoRAManager:
+        if self.loras is None:
+            raise LoRALoadError("LoRA adapters are disabled on this model (max_loras=0)", "model")
+        return self.loras
+
+    def lora_held(self, lora: LoRARequest) -> bool:
+        """Whether that name and version is in CPU memory (safe from any thread)."""
+        return self.loras is not None and self.loras.is_held(lora)
+
+    def stage_lora(self, lora: LoRARequest) -> StagedAdapter:
+        """Fetch, fully validate and read rank 0's slices; touches no engine state, so it
+        runs off the engine thread. Raises LoRALoadError."""
+        self._require_loras()
+        return stage_adapter(lora, self.runner.adapter_rules, self.runner.parallel)
+
+    def install_lora(self, staged: StagedAdapter) -> None:
+        """Every rank takes its slices of a staged adapter (engine thread)."""
+        self._require_loras().install(staged)
+
+    def load_lora(self, lora: LoRARequest) -> float:
+        """Stage and install in one go; seconds taken, 0.0 when already in memory. A new
+        version under a held name replaces the old one."""
+        start = time.monotonic()
+        if self._require_loras().revive(lora):
+            return 0.0
+        self.install_lora(self.stage_lora(lora))
+        return time.monotonic() - start
+
+    def unload_lora(self, name: str) -> bool:
+        """Stop serving `name`; requests already admitted with it finish on it first."""
+        return self.loras is not None and self.loras.unload(name)
 
     def abort(self, request_id: str) -> None:
         """Drop a request at any moment; every block it held is freed."""
@@ -168,6 +233,8 @@ class LLMEngine:
             return
         for seq in state.seqs:
             self.scheduler.finish(seq)
+        if self.loras is not None:
+            self.loras.maybe_trim()
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
@@ -195,6 +262,8 @@ class LLMEngine:
         batch = StepBatch([], [], [], [], [], [], [])
         sampled: list[Sequence] = []
         tables = []
+        if any(chunk.seq.lora_key is not None for chunk in sched.chunks):
+            batch.lora_slots = [self._slot(chunk.seq) for chunk in sched.chunks]
         for chunk in sched.chunks:
             seq, start, n = chunk.seq, chunk.start, chunk.num_new_tokens
             table = self.kv.block_table(seq)
@@ -213,6 +282,12 @@ class LLMEngine:
         batch.block_tables = [t + [0] * (width - len(t)) for t in tables]
         return batch, sampled
 
+    def _slot(self, seq: Sequence) -> int:
+        if seq.lora_key is None:
+            return -1
+        assert self.loras is not None
+        return self.loras.slot_of(seq.lora_key)
+
     def _process(self, seqs: list[Sequence], tokens: list[SampledToken]) -> list[RequestOutput]:
         by_request: dict[str, list[CompletionDelta]] = {}
         for seq, tok in zip(seqs, tokens, strict=True):
@@ -227,6 +302,8 @@ class LLMEngine:
             outputs.append(RequestOutput(request_id, deltas, finished, self._usage(state)))
             if finished:
                 del self._requests[request_id]
+                if self.loras is not None and state.seqs[0].lora is not None:
+                    self.loras.maybe_trim()
         return outputs
 
     def _advance(self, state: _RequestState, seq: Sequence, tok: SampledToken) -> CompletionDelta:
@@ -292,7 +369,7 @@ class LLMEngine:
         if len(window) > 1:
             span = max(window[-1][0] - window[0][0], 1e-6)
             rate = sum(n for _, n in window[1:]) / span
-        return EngineStats(
+        stats = EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             kv_blocks_used=self.kv.num_used_blocks,
@@ -306,6 +383,14 @@ class LLMEngine:
             last_batch_size=self._last_batch_size,
             max_num_seqs=self.config.max_num_seqs,
         )
+        if self.loras is not None:
+            stats.lora_loads_total = self.loras.loads_total
+            stats.lora_evictions_total = self.loras.evictions_total
+            stats.lora_load_seconds_total = self.loras.load_seconds_total
+            stats.lora_slots_used = self.loras.slots_used
+            stats.lora_slots_total = self.loras.num_slots
+            stats.loras_resident = self.loras.resident
+        return stats
 
     def shutdown(self) -> None:
         for request_id in list(self._requests):

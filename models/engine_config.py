@@ -32,6 +32,20 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = True
     num_threads: int | None = Field(None, ge=1, description="torch threads per rank (CPU).")
     cpu_affinity: list[int] | None = Field(None, description="CPU set per rank (CPU).")
+    max_loras: int = Field(0, ge=0, description="LoRA adapter slots per replica (0 = off).")
+    max_lora_rank: int = Field(16, ge=1, description="Largest adapter rank r accepted.")
+    max_cpu_loras: int | None = Field(
+        None, ge=1, description="Adapters kept in CPU memory (LRU); None = 2 * max(max_loras, 1)."
+    )
+    served_model_name: str | None = Field(
+        None, description="The base model's public name, checked against adapters' base."
+    )
+
+    @property
+    def cpu_lora_capacity(self) -> int:
+        """Adapters held in CPU memory: twice the slots by default, so a slot refill rarely
+        has to go back to storage."""
+        return self.max_cpu_loras or 2 * max(self.max_loras, 1)
 
     @property
     def torch_dtype(self) -> torch.dtype:

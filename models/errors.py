@@ -24,6 +24,17 @@ class ContextLengthExceededError(InvalidRequestError):
         super().__init__(message, param=param, code="context_length_exceeded")
 
 
+class LoRALoadError(InvalidRequestError):
+    """A LoRA adapter cannot be used (bad path, config, weights or LoRA disabled; HTTP 400).
+
+    `param` names the offending field, e.g. "lora_path", "r", "use_dora", "target_modules".
+    """
+
+    def __init__(self, message: str, param: str | None = "lora_path") -> None:
+        # One line even when it quotes a library's multi-line error.
+        super().__init__(" ".join(message.split()), param=param, code="lora_load_failed")
+
+
 class UnsupportedModelError(EngineError, ValueError):
     """A checkpoint's config names an architecture or option the engine does not implement."""
 

@@ -2,11 +2,14 @@
 
 Full blocks are identified by a hash chain that starts from the caller's salt (the tenant),
 so two tenants never share a block and cannot probe each other's cached prompts by timing.
+The root also names the LoRA adapter (`name@version`): the same tokens under another adapter,
+or under a reloaded version of the same one, have different keys and values.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 from collections.abc import Collection
 
@@ -14,8 +17,10 @@ from models.block_pool import BlockPool, KVBlock
 from models.request import Sequence
 
 
-def root_hash(salt: str | None) -> bytes:
-    return hashlib.sha256(b"tiered-prefix:" + (salt or "").encode()).digest()
+def root_hash(salt: str | None, adapter: str | None = None) -> bytes:
+    """The chain's root for a tenant salt and an adapter key; JSON keeps the two apart, so
+    no salt can be crafted to collide with another tenant's adapter."""
+    return hashlib.sha256(b"tiered-prefix:" + json.dumps([salt, adapter]).encode()).digest()
 
 
 def chain_hash(parent: bytes, token_ids: list[int]) -> bytes:
@@ -53,7 +58,7 @@ class KVCacheManager:
         tokens = seq.all_token_ids
         usable = (len(tokens) - 1) // self.block_size
         found: list[KVBlock] = []
-        parent = root_hash(seq.cache_salt)
+        parent = root_hash(seq.cache_salt, seq.lora_key)
         for i in range(usable):
             parent = chain_hash(parent, tokens[i * self.block_size : (i + 1) * self.block_size])
             block = self.pool.lookup(parent)
@@ -94,7 +99,7 @@ class KVCacheManager:
         if len(hashes) >= full:
             return
         tokens = seq.all_token_ids
-        parent = hashes[-1] if hashes else root_hash(seq.cache_salt)
+        parent = hashes[-1] if hashes else root_hash(seq.cache_salt, seq.lora_key)
         for i in range(len(hashes), full):
             parent = chain_hash(parent, tokens[i * self.block_size : (i + 1) * self.block_size])
             hashes.append(parent)

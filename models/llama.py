@@ -3,11 +3,14 @@
 Short and plain in the spirit of gpt-fast's `model.py`. Layers are built with their local
 shapes: q/k/v and gate/up are column shards (fused into one matmul each), o and down are row
 shards followed by an all-reduce, and the embedding and lm_head are split over the vocab.
+LoRA deltas (models/lora_slots.py) are added to each projection's local output, before the
+all-reduce for the row-parallel ones, so every rank contributes its share.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +20,9 @@ from models.attention import AttentionMetadata, paged_attention
 from models.config import ModelConfig
 from models.linear import Linear, linear
 from models.tp import ParallelContext, all_reduce, gather_vocab
+
+if TYPE_CHECKING:  # lora_slots reads adapter files, whose loader imports this module
+    from models.lora_slots import LayerLoRA, LoRAStep
 
 
 class RMSNorm(nn.Module):
@@ -79,14 +85,22 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
+        lora: LayerLoRA | None = None,
     ) -> torch.Tensor:
         tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        qkv = self.qkv_proj(x)
+        if lora is not None:
+            lora.add("qkv", x, qkv)
+        q, k, v = qkv.split(self.split, dim=-1)
         q = apply_rope(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return all_reduce(self.o_proj(out.reshape(tokens, -1)), self.tp)
+        flat = out.reshape(tokens, -1)
+        projected = self.o_proj(flat)
+        if lora is not None:
+            lora.add("o", flat, projected)
+        return all_reduce(projected, self.tp)
 
 
 class MLP(nn.Module):
@@ -97,9 +111,16 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(config.hidden_size, 2 * local, bias=config.mlp_bias)
         self.down_proj = Linear(local, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return all_reduce(self.down_proj(F.silu(gate) * up), self.tp)
+    def forward(self, x: torch.Tensor, lora: LayerLoRA | None = None) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        if lora is not None:
+            lora.add("gate_up", x, gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        hidden = F.silu(gate) * up
+        out = self.down_proj(hidden)
+        if lora is not None:
+            lora.add("down", hidden, out)
+        return all_reduce(out, self.tp)
 
 
 class DecoderLayer(nn.Module):
@@ -117,9 +138,10 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
+        lora: LayerLoRA | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, lora)
+        return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -166,14 +188,15 @@ class LlamaModel(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
+        lora: LoRAStep | None = None,
     ) -> torch.Tensor:
-        """Hidden states [T, hidden] for a flat batch of new tokens."""
+        """Hidden states [T, hidden] for a flat batch of new tokens, each on its adapter."""
         x = self.embed_tokens(input_ids)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, kv_cache, meta)
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            x = layer(x, cos, sin, kv_cache, meta, lora.layer(i) if lora is not None else None)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:

@@ -66,6 +66,12 @@ class EngineStats:
     tokens_per_s: float = 0.0
     last_batch_size: int = 0
     max_num_seqs: int = 0
+    lora_loads_total: int = 0  # adapters read from storage into CPU memory
+    lora_evictions_total: int = 0  # adapters pushed out of a slot to make room for another
+    lora_load_seconds_total: float = 0.0
+    lora_slots_used: int = 0  # slots holding an adapter
+    lora_slots_total: int = 0
+    loras_resident: tuple[str, ...] = ()  # "name@version" of adapters held in CPU memory
 
     @property
     def kv_usage(self) -> float:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from models.lora import LoRARequest
 from models.sampling_params import SamplingParams
 
 
@@ -29,6 +30,7 @@ class Sequence:
     priority: int = 0
     cache_salt: str | None = None
     retain: bool = False  # a conversation turn: free its blocks into the retained queue
+    lora: LoRARequest | None = None  # the adapter it runs with; None = the base model
     arrival_time: float = field(default_factory=time.monotonic)
     leader: Sequence | None = None  # siblings wait until the leader's prompt is cached
     output_token_ids: list[int] = field(default_factory=list)
@@ -49,6 +51,10 @@ class Sequence:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def lora_key(self) -> str | None:
+        return self.lora.key if self.lora is not None else None
 
     @property
     def sort_key(self) -> tuple[int, float, int]:

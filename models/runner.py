@@ -3,23 +3,38 @@
 Rank 0 packs each step's inputs into one int64 vector and broadcasts it over the process
 group; ranks 1..N-1 sit in `run_worker`, unpack and run the same forward pass, joining
 the all-reduces and the logits gather. The same code runs on gloo and NCCL.
+
+LoRA commands travel the same way, in the order rank 0 issues them: load an adapter into
+CPU memory (its directory and URI as bytes), drop it, or copy it into a device slot. A load
+ends with an all-reduce of failure flags, so a follower that cannot read never brings the
+group down and rank 0 knows when every rank is done with its temporary copy.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from models.attention import AttentionMetadata
 from models.config import ModelConfig
 from models.engine_config import EngineConfig
-from models.tp import ParallelContext, broadcast_ints, destroy_parallel
+from models.errors import LoRALoadError
+from models.lora_fetch import StagedAdapter, read_on_follower
+from models.lora_files import AdapterRules, AdapterWeights
+from models.lora_slots import LoRASlots, LoRAStep
+from models.tp import ParallelContext, all_reduce, broadcast_ints, destroy_parallel
 from models.weights import load_model
 
+log = logging.getLogger(__name__)
+
 _HEADER_LEN = 6
-_CMD_STEP, _CMD_SHUTDOWN = 1, 2
+_CMD_STEP, _CMD_SHUTDOWN, _CMD_LORA = 1, 2, 3
+_LORA_LOAD, _LORA_DROP, _LORA_FILL = 1, 2, 3
 
 
 @dataclass
@@ -33,6 +48,7 @@ class StepBatch:
     context_lens: list[int]
     block_tables: list[list[int]]
     logits_indices: list[int]
+    lora_slots: list[int] = field(default_factory=list)  # per sequence, -1 = base; [] = none
 
     def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
         width = max((len(t) for t in self.block_tables), default=0)
@@ -45,7 +61,7 @@ class StepBatch:
                 len(self.query_lens),
                 width,
                 len(self.logits_indices),
-                0,
+                len(self.lora_slots),
             ]
         )
         payload = torch.tensor(
@@ -55,26 +71,35 @@ class StepBatch:
             + self.query_lens
             + self.context_lens
             + flat
-            + self.logits_indices,
+            + self.logits_indices
+            + self.lora_slots,
             dtype=torch.int64,
         )
         return header, payload
 
     @classmethod
     def unpack(cls, header: list[int], payload: list[int]) -> StepBatch:
-        _, t, s, width, n_logits, _ = header
-        cuts = [t, t, t, s, s, s * width, n_logits]
+        _, t, s, width, n_logits, n_lora = header
+        cuts = [t, t, t, s, s, s * width, n_logits, n_lora]
         parts, pos = [], 0
         for size in cuts:
             parts.append(payload[pos : pos + size])
             pos += size
         tables = [parts[5][i * width : (i + 1) * width] for i in range(s)]
-        return cls(parts[0], parts[1], parts[2], parts[3], parts[4], tables, parts[6])
+        return cls(parts[0], parts[1], parts[2], parts[3], parts[4], tables, parts[6], parts[7])
 
 
 def payload_length(header: list[int]) -> int:
-    _, t, s, width, n_logits, _ = header
-    return 3 * t + 2 * s + s * width + n_logits
+    if header[0] == _CMD_LORA:
+        return header[4]  # the bytes of a load's directory and URI
+    _, t, s, width, n_logits, n_lora = header
+    return 3 * t + 2 * s + s * width + n_logits + n_lora
+
+
+def adapter_rules(config: EngineConfig, model_config: ModelConfig) -> AdapterRules:
+    """The base model's names an adapter's base_model_name_or_path may give."""
+    names = {Path(config.model).name, config.served_model_name or ""} - {""}
+    return AdapterRules(model_config, config.max_lora_rank, frozenset(names))
 
 
 def pin_cpu(config: EngineConfig) -> None:
@@ -106,6 +131,19 @@ class ModelRunner:
             )
             for _ in range(self.model_config.num_hidden_layers)
         ]
+        self.adapter_rules = adapter_rules(config, self.model_config)
+        self.lora_slots = (
+            LoRASlots(
+                self.model_config,
+                parallel,
+                config.max_loras,
+                config.max_lora_rank,
+                config.torch_dtype,
+            )
+            if config.max_loras
+            else None
+        )
+        self.adapters: dict[int, AdapterWeights] = {}  # this rank's CPU copies, by id
 
     def _num_blocks(self) -> int:
         """Same on every rank: it depends only on the config and the local head count."""
@@ -139,8 +177,71 @@ class ModelRunner:
             ints(batch.block_tables) if batch.block_tables else ints([]).view(0, 0),
             self.config.block_size,
         )
-        hidden = self.model(ints(batch.input_ids), ints(batch.positions), self.kv_caches, meta)
+        lora = None
+        if batch.lora_slots and self.lora_slots is not None:
+            lora = LoRAStep.build(self.lora_slots, batch.lora_slots, batch.query_lens, device)
+        hidden = self.model(
+            ints(batch.input_ids), ints(batch.positions), self.kv_caches, meta, lora
+        )
         return self.model.compute_logits(hidden[ints(batch.logits_indices)])
+
+    # ---- LoRA (rank 0 calls these; followers replay them in serve_forever) ----------
+    def load_adapter(self, adapter_id: int, staged: StagedAdapter) -> None:
+        """Every rank reads its slices of an adapter rank 0 has validated into CPU memory;
+        rank 0's temporary copy is removed once all have."""
+        try:
+            if self.parallel.world_size > 1:
+                where = json.dumps([str(staged.copy.directory), staged.lora.path]).encode()
+                self._command(_LORA_LOAD, adapter_id, 0, where)
+                failed = self._count_failures(False)
+                if failed:
+                    raise LoRALoadError(
+                        f"{failed} tensor-parallel rank(s) could not read adapter "
+                        f"{staged.lora.key} from {staged.lora.path!r}"
+                    )
+            self.adapters[adapter_id] = staged.weights
+        finally:
+            staged.copy.release()
+
+    def drop_adapter(self, adapter_id: int) -> None:
+        self._command(_LORA_DROP, adapter_id, 0)
+        self.adapters.pop(adapter_id, None)
+
+    def fill_slot(self, slot: int, adapter_id: int) -> None:
+        self._command(_LORA_FILL, adapter_id, slot)
+        self._fill(slot, adapter_id)
+
+    def _fill(self, slot: int, adapter_id: int) -> None:
+        assert self.lora_slots is not None
+        self.lora_slots.fill(slot, self.adapters[adapter_id])
+
+    def _command(self, op: int, adapter_id: int, slot: int, data: bytes = b"") -> None:
+        if self.parallel.world_size == 1:
+            return
+        header = torch.tensor([_CMD_LORA, op, adapter_id, slot, len(data), 0])
+        broadcast_ints(header, self.parallel, _HEADER_LEN)
+        if data:
+            broadcast_ints(torch.tensor(list(data), dtype=torch.int64), self.parallel, len(data))
+
+    def _count_failures(self, failed: bool) -> int:
+        flags = torch.tensor([int(failed)], dtype=torch.int64, device=self.parallel.device)
+        return int(all_reduce(flags, self.parallel).item())
+
+    def _follow_lora(self, header: list[int], payload: list[int]) -> None:
+        op, adapter_id, slot = header[1:4]
+        if op == _LORA_DROP:
+            self.adapters.pop(adapter_id, None)
+        elif op == _LORA_FILL:
+            self._fill(slot, adapter_id)
+        else:
+            directory, uri = json.loads(bytes(payload).decode())
+            weights = None
+            try:
+                weights = read_on_follower(directory, uri, self.adapter_rules, self.parallel)
+            except LoRALoadError:
+                log.exception("rank %d could not read adapter %s", self.parallel.rank, uri)
+            if not self._count_failures(weights is None) and weights is not None:
+                self.adapters[adapter_id] = weights
 
     @torch.inference_mode()
     def serve_forever(self) -> None:
@@ -149,8 +250,12 @@ class ModelRunner:
             header = broadcast_ints(None, self.parallel, _HEADER_LEN).tolist()
             if header[0] == _CMD_SHUTDOWN:
                 return
-            payload = broadcast_ints(None, self.parallel, payload_length(header)).tolist()
-            self._forward(StepBatch.unpack(header, payload))
+            length = payload_length(header)
+            payload = broadcast_ints(None, self.parallel, length).tolist() if length else []
+            if header[0] == _CMD_LORA:
+                self._follow_lora(header, payload)
+            else:
+                self._forward(StepBatch.unpack(header, payload))
 
     def shutdown(self) -> None:
         """Rank 0 releases the followers; every rank leaves the process group."""

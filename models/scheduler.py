@@ -4,6 +4,11 @@ Every step the scheduler hands out a token budget: running sequences first (one 
 token each, or the next chunk of a long prefill), then waiting sequences in priority order
 as long as KV blocks and `max_num_seqs` allow. When blocks run out, the lowest-priority
 running sequence is preempted by recompute: its blocks are freed and it waits again.
+
+With LoRA, running sequences use at most `max_loras` distinct adapters (one device slot
+each). A waiting sequence whose adapter finds no slot keeps its place, and adapter
+sequences behind it wait too (base-model ones still go): slots then free up as running
+sequences finish, so it gets the next one instead of starving behind busier adapters.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from models.kv_manager import KVCacheManager
+from models.lora_manager import LoRAManager
 from models.request import Sequence, SequenceStatus
 
 
@@ -39,8 +45,15 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        loras: LoRAManager | None = None,
+    ) -> None:
         self.kv = kv
+        self.loras = loras
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: list[Sequence] = []
@@ -54,6 +67,11 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def adapter_keys(self, running_only: bool = False) -> set[str]:
+        """The adapters live sequences use (running ones only, or waiting ones too)."""
+        seqs = self.running if running_only else self.running + self.waiting
+        return {s.lora_key for s in seqs if s.lora_key is not None}
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -82,10 +100,15 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         skipped: list[Sequence] = []
+        slot_wait = False  # an adapter sequence found no slot: later adapter ones queue too
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.pop(0)
             if seq.leader is not None and not _prompt_cached(seq.leader):
                 skipped.append(seq)  # wait for the leader so siblings share its prompt blocks
+                continue
+            if seq.lora_key is not None and (slot_wait or not self._slot_for(seq.lora_key)):
+                slot_wait = True
+                skipped.append(seq)
                 continue
             cached = self.kv.find_cached_prefix(seq) if seq.num_computed_tokens == 0 else []
             num_cached = len(cached) * self.kv.block_size
@@ -104,6 +127,10 @@ class Scheduler:
             budget -= num_new
         self.waiting = skipped + self.waiting
         self.waiting.sort(key=lambda s: s.sort_key)
+
+    def _slot_for(self, key: str) -> bool:
+        assert self.loras is not None  # the engine refuses adapters when LoRA is off
+        return self.loras.acquire_slot(key, self.adapter_keys(running_only=True))
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.kv.free(seq)

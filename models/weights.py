@@ -26,6 +26,10 @@ class TensorSlice(Protocol):
 
     def __getitem__(self, index: slice | tuple[slice, ...]) -> torch.Tensor: ...
 
+    def get_shape(self) -> list[int]: ...
+
+    def get_dtype(self) -> str: ...
+
 
 class CheckpointReader:
     """Name → file lookup over single-file or sharded (index.json) safetensors."""

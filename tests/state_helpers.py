@@ -13,7 +13,7 @@ from deployments.state.store import StateStore
 from deployments.tenancy.types import UsageRecord
 
 T = TypeVar("T")
-HEAD = "0002"
+HEAD = "0003"
 DAY1 = datetime(2025, 3, 10, tzinfo=UTC)
 
 
@@ -23,10 +23,10 @@ def run(coro: Coroutine[Any, Any, T], timeout_s: float = 60.0) -> T:
 
 def rec(rid: str, tenant: str = "a", model: str = "m1", tier: str = "shared",
         spill: bool = False, p: int = 1, c: int = 0, o: int = 1,
-        ended: datetime = DAY1, status: str = "ok") -> UsageRecord:
+        ended: datetime = DAY1, status: str = "ok", adapter: str | None = None) -> UsageRecord:
     end = ended.timestamp()
     return UsageRecord(rid, tenant, model, tier, spill, p, c, o, end - 1.0, end,  # type: ignore[arg-type]
-                       status)  # type: ignore[arg-type]
+                       status, adapter)  # type: ignore[arg-type]
 
 
 async def revision(store: StateStore) -> list[str]:

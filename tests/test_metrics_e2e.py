@@ -3,7 +3,9 @@ two-node Ray cluster, read back from each node's Ray metrics agent.
 
 Traffic is shaped to exercise every series: a dedicated tenant saturating its copy and
 spilling, a shared tenant repeating a prompt (prefix hits), a tenant over its RPM (429),
-a small KV cache that forces preemption, and a queue in the shared pool.
+a small KV cache that forces preemption, a queue in the shared pool, and three LoRA
+adapters taking turns in one adapter slot and two places in CPU memory (every turn loads
+one, and evicts the one in the slot).
 """
 
 from __future__ import annotations
@@ -28,18 +30,28 @@ from deployments.app import build_from_config
 from deployments.config.tiered import TieredConfig
 from deployments.observability.metrics import CATALOGUE
 from deployments.tenancy.keys import hash_key
+from tests.lora_adapters import write_adapter
 
 # Names of this module's own: other modules' apps on the same cluster leave series of
 # theirs (tiny-llama, acme, ...) in the metrics agents.
 MODEL = "obs-llama"
 ACME, GLOBEX, LIMITED = "obs-acme", "obs-globex", "obs-limited"
 KEYS = {t: f"tk-metrics-{t}" for t in (ACME, GLOBEX, LIMITED)}
+ADAPTERS = ("obs-sql", "obs-chat", "obs-code")
 PROMPT = "the quick brown fox jumps over the lazy dog " * 6
 
 
-def metrics_config(model_dir: Path) -> TieredConfig:
+def metrics_config(model_dir: Path, adapters: dict[str, Path]) -> TieredConfig:
     # 4 seats per replica; 40 blocks of 16 tokens cannot hold 4 long sequences: preemption.
-    engine = {"num_kv_blocks": 40, "max_num_seqs": 4, "max_num_batched_tokens": 512}
+    # Three adapters in turn, one slot, two in CPU memory: each turn reads the adapter the
+    # CPU cache dropped longest ago, and pushes the previous one out of the slot.
+    engine = {
+        "num_kv_blocks": 40,
+        "max_num_seqs": 4,
+        "max_num_batched_tokens": 512,
+        "max_loras": 1,
+        "max_cpu_loras": 2,
+    }
 
     def tenant(name: str, **kw: object) -> dict:
         return {"name": name, "api_key_hashes": [hash_key(KEYS[name])], **kw}
@@ -52,6 +64,7 @@ def metrics_config(model_dir: Path) -> TieredConfig:
                     "path": str(model_dir),
                     "engine": engine,
                     "shared_pool": {"num_replicas": 1, "price_per_replica_hour": 2.0},
+                    "adapters": [{"name": n, "path": str(p)} for n, p in adapters.items()],
                 }
             ],
             "tenants": [
@@ -106,6 +119,8 @@ def send_traffic(base_url: str) -> dict[str, list[str]]:
             tiers[GLOBEX].append(f.result(timeout=300))
     for _ in range(2):  # the same prompt again: prefix-cache hits
         client(base_url, GLOBEX).completions.create(model=MODEL, prompt=PROMPT, max_tokens=4)
+    for name in ADAPTERS * 2:  # one at a time, so each takes the slot from the last
+        client(base_url, GLOBEX).completions.create(model=name, prompt="hi", max_tokens=2)
     refused = 0
     for _ in range(4):
         try:
@@ -119,10 +134,13 @@ def send_traffic(base_url: str) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def traffic(ray_cluster, tiny_model_dir: Path) -> dict:
-    serve.run(
-        build_from_config(metrics_config(tiny_model_dir)), name="tiered", route_prefix="/"
-    )
+def traffic(ray_cluster, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    where = tmp_path_factory.mktemp("obs-adapters")
+    adapters = {
+        name: write_adapter(tiny_model_dir, where / name, seed=i) for i, name in enumerate(ADAPTERS)
+    }
+    config = metrics_config(tiny_model_dir, adapters)
+    serve.run(build_from_config(config), name="tiered", route_prefix="/")
     base_url = f"http://127.0.0.1:{ray_cluster.serve_port}/v1"
     ports = ray_cluster.metrics_ports
     with sampling(ports, "tiered_reservation_utilization", tenant=ACME) as reservation:
@@ -267,6 +285,25 @@ def test_prefix_hits_preemption_and_spill_are_counted(traffic: dict) -> None:
     assert not values(text, "tiered_reservation_utilization", tenant=GLOBEX)
     now = poll_values(traffic["ports"], [0.0], "tiered_reservation_utilization", tenant=ACME)
     assert now == [0.0], f"acme's reservation after its traffic ended: {now}"
+
+
+def test_lora_loads_evictions_and_slots_are_exported_per_replica(traffic: dict) -> None:
+    """Per replica, never per adapter: no label value names one."""
+    found = wait_for_all_series(traffic["ports"])
+    text = scrape(traffic["ports"])
+
+    def total(name: str) -> float:
+        return sum(values(text, name, pool=MODEL))
+
+    assert total("tiered_lora_loads_total") >= len(ADAPTERS)
+    assert total("tiered_lora_evictions_total") >= 1  # one slot, taken in turns
+    assert total("tiered_lora_load_seconds_total") > 0
+    assert values(text, "tiered_lora_slots_capacity", pool=MODEL) == [1.0]
+    assert values(text, "tiered_lora_slots_capacity", pool=f"dedicated:{ACME}") == [1.0]
+    lora_labels = [s for name in found if name.startswith("tiered_lora_") for s in found[name]]
+    assert lora_labels and all({"pool", "replica"} <= set(s) for s in lora_labels)
+    named = [s for s in lora_labels if set(s.values()) & set(ADAPTERS)]
+    assert not named, named
 
 
 RAY_LABELS = re.compile(r'(SessionName|NodeAddress|Version|Component|WorkerId|JobId)="[^"]*",?')

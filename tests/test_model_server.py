@@ -1,13 +1,15 @@
 """Model-server replicas through Serve handles on a real local Ray: concurrent streams on
-two replicas, cancellation freeing KV blocks, the stats Serve's hooks read, graceful
-drain and release of the placement group, and bad configuration refused before
-anything is scheduled. (Cross-node TP and rank failure: test_cross_node_tp.py.)"""
+two replicas, cancellation freeing KV blocks, the stats Serve's hooks read, LoRA adapters
+(passed to the engine, reported for routing, a bad one failing typed), graceful drain and
+release of the placement group, and bad configuration refused before anything is
+scheduled. (Cross-node TP and rank failure: test_cross_node_tp.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,13 @@ from ray import serve
 from ray.exceptions import ActorDiedError
 from ray.util import placement_group_table
 
+from deployments.api.errors import from_engine_error
 from deployments.config.models import ConfigError, ModelSpec, ReplicaSpec
+from deployments.replicas.affinity_router import adapter_stat
 from deployments.replicas.model_server import WORKER_NAMESPACE, model_server_deployment
+from models.errors import LoRALoadError
+from models.lora import LoRARequest
+from tests.lora_adapters import write_adapter
 from tests.ray_fixtures import (
     GREEDY,
     LONG,
@@ -110,6 +117,40 @@ def test_serve_hooks_publish_engine_stats(pair) -> None:  # type: ignore[no-unty
 
     load = run(busy())
     assert load["num_running"] == 1 and load["kv_usage"] > 0 and load["max_num_seqs"] == 32
+
+
+def test_lora_adapters_through_the_replica(pair, tiny_model_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A request runs on its adapter, and the replica that loaded it reports it for routing
+    until it is unloaded. A bad adapter reaches the caller as LoRALoadError with its
+    param, from load_lora and from a stream alike: what the ingress answers with a 400."""
+    sql = LoRARequest("sql", 1, str(write_adapter(tiny_model_dir, tmp_path / "sql", seed=1)))
+    actors = _replica_actors(pair, 2)
+    prompt = [11, 22, 33, 44, 55]
+    base, _ = run(collect(pair, request("plain", prompt, **GREEDY)))
+    tuned, (holder,) = run(collect(pair, replace(request("tuned", prompt, **GREEDY), lora=sql)))
+    assert tuned != base, "the adapter did not reach the engine"
+    stats = ray.get(actors[holder].record_routing_stats.remote(), timeout=30)
+    assert stats[adapter_stat("sql@1")] == 1.0 and set(stats) >= HOOK_KEYS
+
+    missing = LoRARequest("missing", 1, str(tmp_path / "no-such-adapter"))
+    with pytest.raises(LoRALoadError) as raised:
+        pair.load_lora.remote(missing).result(timeout_s=60)
+    assert raised.value.param == "lora_path"
+    answer = from_engine_error(raised.value)
+    assert answer is not None and (answer.status, answer.param) == (400, "lora_path")
+    with pytest.raises(LoRALoadError):
+        run(collect(pair, replace(request("bad", prompt, **GREEDY), lora=missing)))
+
+    assert pair.load_lora.remote(sql).result(timeout_s=60) >= 0.0
+    unloaded = []
+    deadline = time.monotonic() + 30
+    while any(  # handle calls reach either replica: unload until neither holds it
+        adapter_stat("sql@1") in ray.get(a.record_routing_stats.remote(), timeout=30)
+        for a in actors.values()
+    ):
+        assert time.monotonic() < deadline, f"sql@1 still held; unload_lora said {unloaded}"
+        unloaded.append(pair.unload_lora.remote("sql").result(timeout_s=30))
+    assert True in unloaded
 
 
 def test_graceful_drain_then_release(ray_cluster, tiny_model_dir: Path) -> None:  # type: ignore[no-untyped-def]

@@ -207,6 +207,38 @@ def test_report_outputs(state_spec: StateSpec) -> None:  # noqa: F811
     assert reservations is not None and reservations.row_count == 3
 
 
+def test_report_groups_by_adapter_at_the_base_price(state_spec: StateSpec) -> None:  # noqa: F811
+    """LoRA requests carry their adapter ("" is the base model) and cost the base's price."""
+    records = [
+        rec("a1", "acme", "m1", "shared", False, 1000, 0, 100, DAY_A, adapter="sql-lora"),
+        rec("a2", "acme", "m1", "shared", False, 1000, 0, 100, DAY_B, adapter="sql-lora"),
+        rec("a3", "acme", "m1", "shared", False, 1000, 0, 100, DAY_A),
+        rec("a4", "globex", "m1", "shared", False, 1000, 0, 100, DAY_A, adapter="chat-lora"),
+    ]
+
+    async def go() -> dict[str, UsageReport]:
+        store = await StateStore.open(state_spec)
+        try:
+            await Ledger(store).write(records)
+            return {n: await build_usage_report(Ledger(store), PRICES, query) for n, query in {
+                "adapter": q(("adapter",)), "tenant_adapter": q(("tenant", "adapter")),
+            }.items()}
+        finally:
+            await store.close()
+
+    got = run(go())
+    each = 0.0028  # 1000 * 2.0 + 100 * 8.0, per 1M
+    assert [(r.key, r.requests, r.cost) for r in got["adapter"].rows] == [
+        ({"adapter": ""}, 1, each), ({"adapter": "chat-lora"}, 1, each),
+        ({"adapter": "sql-lora"}, 2, 2 * each),
+    ]
+    assert [r.key for r in got["tenant_adapter"].rows] == [
+        {"tenant": "acme", "adapter": ""}, {"tenant": "acme", "adapter": "sql-lora"},
+        {"tenant": "globex", "adapter": "chat-lora"},
+    ]
+    assert to_csv(got["adapter"]).splitlines()[0].startswith("adapter,requests,")
+
+
 # ---- query parsing ---------------------------------------------------------------------
 NOW = datetime(2026, 12, 15, 10, 30, tzinfo=UTC)
 

@@ -36,7 +36,7 @@ class Served:
 
     job: GenerateRequest
     tenant: str
-    model: str
+    model: str  # the base model (an adapter is job.lora)
     tier: Tier
     spill: bool
     timer: RequestTimer
@@ -65,6 +65,7 @@ class Served:
                 started_at=self.started_at,
                 ended_at=time.time(),
                 status=status,
+                adapter=self.job.lora.name if self.job.lora else None,
             )
         await self.finish(record)
 

@@ -4,7 +4,8 @@ Order per request: key -> tenant; a tenant already over its limits is refused he
 the last decision (no body parsing, no tokenization, no actor call); strict body
 validation; prompt rendering and token count; one `admit` (rate limits, tier, fair
 queue); stream from the replica admission chose; one `finish` with the usage, however
-the request ends.
+the request ends. A `model` naming a LoRA adapter resolves through the registry
+(deployments.api.catalog) and runs on its base model's deployments.
 """
 
 # No `from __future__ import annotations` here: serve.ingress re-creates the route methods
@@ -21,7 +22,9 @@ from fastapi.responses import Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.api.adapters import AdapterAdmin
 from deployments.api.admin import require_admin, usage_report
+from deployments.api.catalog import ModelCatalog, check_allowed
 from deployments.api.completions import Served, respond
 from deployments.api.conversations import StatefulReads
 from deployments.api.errors import (
@@ -115,7 +118,8 @@ class Ingress:
         self.upkeep = Upkeep(self.responses, self.conversations, stale_after_s)
         self.upkeep.start()
         self.turns = TurnService(self.config, self.responses, self.conversations, self.upkeep)
-        self._schema_ready = False
+        self.catalog = ModelCatalog(self.config, self.models, self.store)
+        self.adapters = AdapterAdmin(self.catalog, handles, self.config.ingress.request_timeout_s)
 
     async def __del__(self) -> None:
         """Serve calls this when the replica stops (scale-down, redeploy, shutdown):
@@ -136,13 +140,8 @@ class Ingress:
 
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> dict:
-        tenant = self._authenticate(request)
-        data = [
-            {"id": m.name, "object": "model", "created": 0, "owned_by": "tiered"}
-            for m in self.config.models
-            if tenant.may_use(m.name)
-        ]
-        return {"object": "list", "data": data}
+        """Base models, then LoRA adapters (with `parent`), that this tenant may use."""
+        return {"object": "list", "data": await self.catalog.listed(self._authenticate(request))}
 
     @app.get("/admin/usage")
     async def usage(self, request: Request) -> dict[str, Any]:
@@ -158,6 +157,17 @@ class Ingress:
             return await self.admission.state()
         except AdmissionUnavailable:
             raise admission_unavailable() from None
+
+    # ---- LoRA adapters, hot-loaded by an admin (deployments.api.adapters) -------------
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(self, request: Request) -> dict[str, Any]:
+        require_admin(self.keys, _bearer(request))
+        return await self.adapters.load(await _json_body(request))
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(self, request: Request) -> dict[str, Any]:
+        require_admin(self.keys, _bearer(request))
+        return await self.adapters.unload(await _json_body(request))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -275,13 +285,13 @@ class Ingress:
         parsed = await _json_body(request)
         if kind == "response":
             turn = parse_responses_request(parsed)
-            model = self._model(request, tenant, turn.model, timer)
-            await self._stored(self._migrated())
+            model = await self._model(request, tenant, turn.model, timer)
+            await self._stored(self.catalog.prepare())
             return await self.turns.serve(
                 tenant, model, turn, partial(self._dispatch, request, tenant, model, timer)
             )
         req = parse_request("chat" if kind == "chat" else "completion", parsed)
-        model = self._model(request, tenant, req.model, timer)
+        model = await self._model(request, tenant, req.model, timer)
         prompt = model.prompt(req, self.config.ingress.default_max_tokens)
         claim_id = uuid.uuid4().hex
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
@@ -300,36 +310,20 @@ class Ingress:
     async def _stored(self, work: Coroutine[Any, Any, T]) -> T:
         """Await a state-store call: an outage is a 503, never a 500."""
         try:
-            await self._migrated()
+            await self.catalog.prepare()
             return await work
         except StateError:
             raise state_unavailable() from None
         finally:
             work.close()  # a no-op once awaited; else the call never started
 
-    async def _migrated(self) -> None:
-        """The stored-response tables exist before their first use. The admission actor
-        migrates only a database it opened itself (a reused actor keeps its own), so this
-        replica prepares the store too, once, under the store's migration lock."""
-        if not self._schema_ready:
-            await self.store.prepare()
-            self._schema_ready = True
-
-    def _model(
+    async def _model(
         self, request: Request, tenant: TenantSpec, name: str, timer: RequestTimer
     ) -> ServedModel:
-        model = self.models.get(name)
-        if model is None:
-            raise OpenAIError(
-                404, f"The model '{name}' does not exist", param="model",
-                code="model_not_found",
-            )
-        request.state.model = timer.model = model.name
-        if not tenant.may_use(model.name):
-            raise OpenAIError(
-                403, f"tenant '{tenant.name}' may not use model '{model.name}'",
-                param="model", code="model_not_allowed",
-            )
+        """A base model or an adapter; metrics label both by the base model."""
+        model = await self.catalog.resolve(tenant, name)
+        request.state.model = timer.model = model.base
+        check_allowed(tenant, model)
         return model
 
     async def _dispatch(
@@ -351,7 +345,7 @@ class Ingress:
             request, tenant, AdmissionRequest(
                 claim_id=claim_id,
                 tenant=tenant.name,
-                model=model.name,
+                model=model.base,
                 cost=prompt.cost,
                 prefer_dedicated=service_tier != "default",
                 owner=self.owner,
@@ -361,7 +355,7 @@ class Ingress:
         timer.serving(tenant.name, admission.tier, admission.spill)
         request.state.tier = timer.tier
         dedicated = admission.tier == "dedicated"
-        handle = self.handles[dedicated_pool_key(tenant.name) if dedicated else model.name]
+        handle = self.handles[dedicated_pool_key(tenant.name) if dedicated else model.base]
         job = GenerateRequest(
             request_id=request_id,
             prompt=prompt.token_ids,
@@ -370,13 +364,14 @@ class Ingress:
             cache_salt=tenant.name,
             affinity_replica=affinity_replica,
             retain=request_id.startswith(RESPONSE_ID_PREFIX),
+            lora=model.lora,
         )
 
         async def finish(usage: UsageRecord | None) -> None:
             await self.admission.finish(claim_id, usage)
 
         served = Served(
-            job, tenant.name, model.name, admission.tier, admission.spill, timer, finish
+            job, tenant.name, model.base, admission.tier, admission.spill, timer, finish
         )
         return Dispatched(served, handle, ratelimit_headers(admission.limits))
 

@@ -8,7 +8,7 @@ vocabulary range of raw token ids is the engine's check.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from deployments.api.errors import OpenAIError
@@ -16,6 +16,7 @@ from deployments.api.protocol import ChatCompletionRequest, OpenAIRequest
 from deployments.config.models import ModelSpec
 from models.default_model import resolve_model_path
 from models.errors import InvalidRequestError
+from models.lora import LoRARequest
 from models.sampling_params import SamplingParams
 from models.tokenizer import Tokenizer
 
@@ -29,9 +30,22 @@ class Prompt:
 
 @dataclass(frozen=True)
 class ServedModel:
-    name: str
+    """A model id a request may name: a base model, or a LoRA adapter on one (which
+    shares its base's tokenizer, context, deployments and prices)."""
+
+    name: str  # the id clients send and see echoed
     tokenizer: Tokenizer
     context: int  # the longest prompt + completion the engine accepts
+    parent: str | None = None  # an adapter's base model
+    lora: LoRARequest | None = None
+
+    @property
+    def base(self) -> str:
+        """The base model: what admission, the deployments and the prices know."""
+        return self.parent or self.name
+
+    def with_adapter(self, lora: LoRARequest) -> ServedModel:
+        return replace(self, name=lora.name, parent=self.name, lora=lora)
 
     @classmethod
     def load(cls, spec: ModelSpec) -> ServedModel:

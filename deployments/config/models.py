@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from deployments.config.resources import pack_on_nodes, rank_resources, replica_bundles
 from models.default_model import SHAPES
@@ -20,6 +20,8 @@ from models.engine_config import EngineConfig
 # Rendered into Serve configs by name: the policy must stay importable at this path.
 POLICY_PATH = "deployments.autoscaling:llm_pool_policy"
 PlacementStrategy = Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"]
+# What clients send as "model": a base model's name or an adapter's.
+ModelId = Annotated[str, StringConstraints(min_length=1, pattern=r"^[A-Za-z0-9._:/-]+$")]
 
 
 class ConfigError(ValueError):
@@ -40,6 +42,27 @@ class EngineSpec(BaseModel):
     max_num_batched_tokens: int = Field(2048, ge=16)
     max_model_len: int | None = Field(None, ge=16)
     enable_prefix_caching: bool = True
+    # LoRA on by default, so an adapter can be hot-loaded without a redeploy.
+    max_loras: int = Field(4, ge=0, description="LoRA adapter slots per replica (0 = off).")
+    max_lora_rank: int = Field(16, ge=1, description="Largest adapter rank accepted.")
+    max_cpu_loras: int | None = Field(
+        None, ge=1, description="Adapters kept in CPU memory (LRU); the engine's default."
+    )
+
+
+class AdapterSpec(BaseModel):
+    """A PEFT LoRA adapter on a model, registered in the state store at start (adapters
+    hot-loaded through the API live only there)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: ModelId
+    path: str = Field(
+        min_length=1, description="A directory or an fsspec URI (file://, s3://, gs://)."
+    )
+    tenants: list[str] = Field(
+        default_factory=list, description="Tenants that may use it; empty = all the base's."
+    )
 
 
 class AutoscalingSpec(BaseModel):
@@ -138,10 +161,11 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._:/-]+$")
+    name: ModelId
     path: str = "default:tiny"
     engine: EngineSpec = EngineSpec()
     shared_pool: ReplicaSpec = ReplicaSpec()
+    adapters: list[AdapterSpec] = []
 
     def engine_config(self, replica: ReplicaSpec, rank: int, model_dir: str) -> EngineConfig:
         """The EngineConfig one rank of one replica runs with."""
@@ -154,6 +178,7 @@ class ModelSpec(BaseModel):
             tp_size=replica.tp_size,
             cpu_affinity=replica.cpu_affinity[rank] if replica.cpu_affinity else None,
             num_threads=threads,
+            served_model_name=self.name,
             **self.engine.model_dump(),
         )
 
@@ -177,6 +202,26 @@ def checkpoint_shape(path: str) -> dict[str, int] | None:
         "num_key_value_heads": raw.get("num_key_value_heads") or heads,
         "intermediate_size": raw.get("intermediate_size", 0),
     }
+
+
+def local_adapter_dir(path: str) -> Path | None:
+    """The directory of an adapter path on this machine; None for a remote URI (s3://,
+    gs://, ...), which only the replicas read."""
+    scheme, sep, rest = path.partition("://")
+    if sep and scheme not in ("file", "local"):
+        return None
+    return Path(rest if sep else path).expanduser()
+
+
+def validate_adapters(spec: ModelSpec, where: str) -> None:
+    """A local adapter path must hold PEFT's adapter_config.json (its weights and rank are
+    checked by the replica that loads it)."""
+    for i, adapter in enumerate(spec.adapters):
+        local = local_adapter_dir(adapter.path)
+        if local is not None and not (local / "adapter_config.json").is_file():
+            raise ConfigError(
+                f"{where}.adapters[{i}].path: no adapter_config.json at {adapter.path!r}"
+            )
 
 
 def _target(

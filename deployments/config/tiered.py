@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from deployments.config.models import (
     ConfigError,
     ModelSpec,
+    validate_adapters,
     validate_against_checkpoint,
     validate_against_cluster,
 )
@@ -89,7 +90,40 @@ class TieredConfig(BaseModel):
                     f"tenants[{i}].dedicated.model: unknown model {tenant.dedicated.model!r}"
                 )
         self.prices.check_references(names, [t.name for t in self.tenants if t.dedicated])
+        self._check_adapters(names)
         return self
+
+    def _check_adapters(self, names: list[str]) -> None:
+        """Adapter names are model ids: unique, never a base model's; their tenants
+        exist and may use the base."""
+        seen: dict[str, str] = {}
+        for i, m in enumerate(self.models):
+            if m.adapters and m.engine.max_loras == 0:
+                raise ValueError(
+                    f"models[{i}].engine.max_loras: 0 turns LoRA off, but the model lists "
+                    f"{len(m.adapters)} adapter(s)"
+                )
+            for j, adapter in enumerate(m.adapters):
+                where = f"models[{i}].adapters[{j}]"
+                if adapter.name in names:
+                    raise ValueError(
+                        f"{where}.name: {adapter.name!r} is the name of a base model"
+                    )
+                if adapter.name in seen:
+                    raise ValueError(
+                        f"{where}.name: {adapter.name!r} is already the name of "
+                        f"{seen[adapter.name]}"
+                    )
+                seen[adapter.name] = where
+                for k, name in enumerate(adapter.tenants):
+                    tenant = self.tenant(name)
+                    if tenant is None:
+                        raise ValueError(f"{where}.tenants[{k}]: unknown tenant {name!r}")
+                    if not tenant.may_use(m.name):
+                        raise ValueError(
+                            f"{where}.tenants[{k}]: tenant {name!r} may not use the base "
+                            f"model {m.name!r}"
+                        )
 
     def key_places(self) -> list[tuple[str, str]]:
         """(where, hash) for every tenant and admin key in the YAML (revoked ones aside)."""
@@ -112,10 +146,11 @@ class TieredConfig(BaseModel):
         return next((t for t in self.tenants if t.name == name), None)
 
     def validate_checkpoints(self) -> None:
-        """Every model's checkpoint (the ingress loads each one's tokenizer), and the
-        shapes of every deployment the plan makes."""
+        """Every model's checkpoint (the ingress loads each one's tokenizer), its local
+        adapters, and the shapes of every deployment the plan makes."""
         for i, m in enumerate(self.models):
             validate_against_checkpoint(m, m.shared_pool, f"models[{i}].shared_pool")
+            validate_adapters(m, f"models[{i}]")
         for plan in deployment_plan(self):
             if plan.tier == "dedicated":
                 validate_against_checkpoint(plan.model, plan.replica, plan.where)

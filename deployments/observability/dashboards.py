@@ -146,6 +146,19 @@ PANELS: dict[str, tuple[str, list[PanelSpec]]] = {
                   "depth {{pool}} band {{band}}"),
             Query(_quantile(0.99, "tiered_queue_wait_seconds", "pool", POOL),
                   "wait p99 {{pool}}"))),
+        PanelSpec("LoRA adapter slots", "short", (
+            Query(f"sum by (pool, replica) (ray_tiered_lora_slots_used{{{POOL}}})",
+                  "used {{replica}}"),
+            Query(f"sum by (pool, replica) (ray_tiered_lora_slots_capacity{{{POOL}}})",
+                  "capacity {{replica}}"))),
+        PanelSpec("LoRA adapter loads and evictions", "ops", (
+            Query(_rate("tiered_lora_loads_total", "pool", POOL), "loads {{pool}}"),
+            Query(_rate("tiered_lora_evictions_total", "pool", POOL), "evictions {{pool}}")),
+            "Evictions close behind loads: more adapters in use than a replica holds."),
+        PanelSpec("LoRA adapter load time (mean)", "s", (
+            Query(f"{_rate('tiered_lora_load_seconds_total', 'pool', POOL)} / "
+                  f"{_rate('tiered_lora_loads_total', 'pool', POOL)}",
+                  "{{pool}}"),)),
         PanelSpec("Replica health", "short", (
             Query(f"max by (pool, replica) (ray_tiered_replica_up{{{POOL}}})",
                   "up {{replica}}"),

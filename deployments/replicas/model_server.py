@@ -37,13 +37,15 @@ from deployments.config.models import (
 from deployments.config.plan import ADMISSION_NAMESPACE, admission_actor_name
 from deployments.config.resources import replica_bundles
 from deployments.observability.replicas import ReplicaExporter
-from deployments.replicas.affinity_router import affinity_router_config
+from deployments.replicas.affinity_router import adapter_stat, affinity_router_config
 from deployments.replicas.placement import replica_actor_options, worker_actor_options
 from deployments.replicas.requests import GenerateRequest, ServedOutput
 from deployments.replicas.tp_worker import TPWorker, rendezvous_address
 from models.async_engine import AsyncLLMEngine
 from models.default_model import resolve_model_path
 from models.errors import EngineDeadError
+from models.lora import LoRARequest
+from models.outputs import EngineStats
 from models.tp import ParallelContext, init_parallel
 
 log = logging.getLogger(__name__)
@@ -143,8 +145,20 @@ class ModelServer:
             priority=request.priority,
             cache_salt=request.cache_salt,
             retain=request.retain,
+            lora=request.lora,
         ):
             yield ServedOutput(out, self.replica_id)
+
+    async def load_lora(self, lora: LoRARequest) -> float:
+        """Load an adapter before its first request needs it (a no-op when held); the
+        seconds it took. A bad adapter raises LoRALoadError, which reaches the caller as
+        that type and with its `param` (Ray's dual exception), as the engine's other
+        InvalidRequestErrors do."""
+        return await self.engine.load_lora(lora)
+
+    async def unload_lora(self, name: str) -> bool:
+        """Drop the adapter held under `name`; False when none was."""
+        return await self.engine.unload_lora(name)
 
     async def _heartbeat(self) -> None:
         """Tell the admission actor this replica's seats; learn its pool's queue depth."""
@@ -189,8 +203,8 @@ class ModelServer:
             raise EngineDeadError(f"a tensor-parallel rank is unreachable: {exc!r}") from exc
         self.exporter.up(True)
 
-    def _load(self) -> dict[str, float]:
-        s = self.engine.stats()
+    @staticmethod
+    def _load(s: EngineStats) -> dict[str, float]:
         return {
             "num_running": float(s.num_running),
             "num_waiting": float(s.num_waiting),
@@ -201,10 +215,12 @@ class ModelServer:
         }
 
     def record_routing_stats(self) -> dict[str, float]:
-        return self._load()
+        """Load, plus one key per adapter held, so the router can prefer a holder."""
+        s = self.engine.stats()
+        return {**self._load(s), **{adapter_stat(key): 1.0 for key in s.loras_resident}}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        return {**self._load(), **self._queue_signals}
+        return {**self._load(self.engine.stats()), **self._queue_signals}
 
     async def stats(self) -> dict[str, Any]:
         """Engine stats plus placement facts, for tests, benchmarks and `tiered status`."""

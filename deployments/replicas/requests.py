@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from models.lora import LoRARequest
 from models.outputs import RequestOutput
 from models.sampling_params import SamplingParams
 
@@ -24,6 +25,9 @@ class GenerateRequest:
     affinity_replica: str | None = None
     # A stored conversation's turn: its KV blocks are evicted after ordinary requests'.
     retain: bool = False
+    # The adapter to run with (loaded on demand, evicting the least recently used): the
+    # router prefers a replica that already holds this name and version.
+    lora: LoRARequest | None = None
 
 
 @dataclass

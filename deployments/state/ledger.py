@@ -37,7 +37,7 @@ def ledger_row(record: UsageRecord) -> dict[str, Any]:
         "request_id": record.request_id,
         "tenant": record.tenant,
         "model": record.model,
-        "adapter": getattr(record, "adapter", None),
+        "adapter": record.adapter,
         "tier": record.tier,
         "spill": record.spill,
         "prompt_tokens": record.prompt_tokens,
@@ -129,6 +129,8 @@ class Ledger:
         columns: dict[GroupKey, ColumnElement[Any]] = {
             "tenant": LEDGER.c.tenant, "tier": LEDGER.c.tier, "model": LEDGER.c.model,
             "spill": LEDGER.c.spill, "day": self._day(),
+            # "" for the base model; a literal, not a bound parameter (see _day)
+            "adapter": func.coalesce(LEDGER.c.adapter, literal_column("''")),
         }
         keys = [columns[k] for k in query.group_by]
         stmt = select(

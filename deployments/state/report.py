@@ -4,8 +4,9 @@ Prices are per (model, tier), so the ledger is always summed at least per tenant
 tier and spill, priced there, then folded into the grouping that was asked for: grouping
 by tenant alone still bills each model and tier at its own price. A spilled request is
 billed at the shared price. Rows (`UsageLine`) carry their group in `key` only (one
-string per key of `group_by`, e.g. {"tenant": "acme", "day": "2026-12-01"}); the CSV and
-the table flatten it into one column per key.
+string per key of `group_by`, e.g. {"tenant": "acme", "day": "2026-12-01"}; "adapter" is
+the LoRA adapter's name, "" for the base model); the CSV and the table flatten it into
+one column per key. An adapter is billed at its base model's price.
 """
 
 from __future__ import annotations

@@ -21,8 +21,10 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     func,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -68,7 +70,7 @@ class LedgerRow(Base):
     request_id: Mapped[str] = mapped_column(String, primary_key=True)
     tenant: Mapped[str] = mapped_column(String)
     model: Mapped[str] = mapped_column(String)
-    adapter: Mapped[str | None] = mapped_column(String, nullable=True)  # LoRA, later
+    adapter: Mapped[str | None] = mapped_column(String, nullable=True)  # a LoRA's name
     tier: Mapped[str] = mapped_column(String)  # "dedicated" | "shared"
     spill: Mapped[bool] = mapped_column(Boolean)
     prompt_tokens: Mapped[int] = mapped_column(Integer)
@@ -159,4 +161,34 @@ class ConversationItemRow(Base):
 
     __table_args__ = (
         Index("ix_conversation_items_conversation_id_seq", "conversation_id", "seq"),
+    )
+
+
+ADAPTER_ACTIVE = "loaded_at IS NOT NULL AND unloaded_at IS NULL"
+
+
+class AdapterRow(Base):
+    """One load of a LoRA adapter under a name. Rows are never deleted, so a name's
+    versions never repeat (the version is part of the prefix-cache key). A row is
+    reserved (loaded_at NULL) while a replica validates it, active once loaded, and
+    unloaded for good; at most one row per name is active (a partial unique index)."""
+
+    __tablename__ = "adapters"
+
+    name: Mapped[str] = mapped_column(String)
+    version: Mapped[int] = mapped_column(Integer)
+    base_model: Mapped[str] = mapped_column(String)
+    path: Mapped[str] = mapped_column(String)  # a directory or an fsspec URI
+    tenants: Mapped[list[str]] = mapped_column(JSON)  # empty: every tenant of the base
+    source: Mapped[str] = mapped_column(String)  # "config" | "api"
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    loaded_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    unloaded_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    __table_args__ = (
+        PrimaryKeyConstraint("name", "version"),
+        Index(
+            "ix_adapters_name_active", "name", unique=True,
+            sqlite_where=text(ADAPTER_ACTIVE), postgresql_where=text(ADAPTER_ACTIVE),
+        ),
     )

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, get_args
 
-GroupKey = Literal["tenant", "tier", "model", "day", "spill"]
+GroupKey = Literal["tenant", "tier", "model", "day", "spill", "adapter"]
 GROUP_KEYS: tuple[GroupKey, ...] = get_args(GroupKey)
 
 
