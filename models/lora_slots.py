@@ -1,12 +1,15 @@
 """Adapter slots on the device and the batched LoRA matmuls that read them.
 
-Each layer keeps, per fused projection group, one stack of A matrices [slots, k*R, in] and
-one stack of B matrices per sub-projection [slots, out, R], zero-padded to R = max_lora_rank
-(so a rank-4 and a rank-16 adapter share one shape) with the adapter's scaling folded into B.
-A step passes every token's slot; the adapter rows gather their own A and B from the stacks
-and run two `torch.bmm`s (punica's BGMV shape: shrink x·Aᵀ to R, expand by B), so a batch
-mixing any number of adapters costs the same few kernels and never merges weights. Rows on
-the base model are left out, and a batch with none on an adapter skips all of this.
+Each layer keeps, per fused projection group, one stack of A matrices [slots, in, k*R] and
+one of B matrices [slots, k*R, out], zero-padded to R = max_lora_rank (so a rank-4 and a
+rank-16 adapter share one shape) with the adapter's scaling folded into B. B is block
+diagonal over the group's k sub-projections (q/k/v, gate/up), so one matmul writes every
+output slice. A step groups its adapter tokens by slot into a padded [U, M, in] batch (U
+slots, from the lowest the batch uses to the highest; M tokens of the busiest) and runs two
+`torch.bmm`s over it, the weights a view of the stacks: S-LoRA's
+segmented shape, reading each resident adapter once per step rather than once per token,
+in a fixed handful of kernels whatever the mix, and never merging weights. Rows on the base
+model are left out, and a batch with none on an adapter skips all of this.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ GROUPS: dict[str, tuple[str, ...]] = {
 
 
 @dataclass
-class _GroupStack:
-    a: torch.Tensor  # [slots, len(targets) * R, in_local]
-    bs: list[torch.Tensor]  # per target [slots, out_local, R], scaling folded in
+class GroupStack:
+    a: torch.Tensor  # [slots, in_local, len(targets) * R]
+    b: torch.Tensor  # [slots, len(targets) * R, out_local], block diagonal, scaling folded in
+    out_widths: tuple[int, ...]  # each target's share of out_local, in GROUPS order
 
 
 class LoRASlots:
@@ -53,17 +57,17 @@ class LoRASlots:
         fan_out = {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": h}
         fan_out |= {"gate_proj": inter, "up_proj": inter, "down_proj": h}
 
-        def zeros(*shape: int) -> torch.Tensor:
-            return torch.zeros(num_slots, *shape, dtype=dtype, device=tp.device)
+        def stack(group: str, targets: tuple[str, ...]) -> GroupStack:
+            widths = tuple(fan_out[t] for t in targets)
+            inner = len(targets) * max_rank
+            return GroupStack(
+                torch.zeros(num_slots, fan_in[group], inner, dtype=dtype, device=tp.device),
+                torch.zeros(num_slots, inner, sum(widths), dtype=dtype, device=tp.device),
+                widths,
+            )
 
         self.layers = [
-            {
-                group: _GroupStack(
-                    zeros(len(targets) * max_rank, fan_in[group]),
-                    [zeros(fan_out[t], max_rank) for t in targets],
-                )
-                for group, targets in GROUPS.items()
-            }
+            {group: stack(group, targets) for group, targets in GROUPS.items()}
             for _ in range(config.num_hidden_layers)
         ]
         self.targets: list[frozenset[str]] = [frozenset()] * num_slots
@@ -76,30 +80,39 @@ class LoRASlots:
             for group, targets in GROUPS.items():
                 stack = stacks[group]
                 stack.a[slot].zero_()
-                for j, target in enumerate(targets):
-                    stack.bs[j][slot].zero_()
+                stack.b[slot].zero_()
+                offset = 0
+                for j, (target, out) in enumerate(zip(targets, stack.out_widths, strict=True)):
                     pair = weights.tensors.get((layer, target))
-                    if pair is None:
-                        continue
-                    a, b = pair
-                    stack.a[slot, j * width : j * width + rank].copy_(a)
-                    stack.bs[j][slot, :, :rank].copy_(b.float() * weights.scaling)
+                    if pair is not None:
+                        a, b = pair  # a [rank, in], b [out, rank]
+                        inner = slice(j * width, j * width + rank)
+                        stack.a[slot, :, inner].copy_(a.t())
+                        stack.b[slot, inner, offset : offset + out].copy_(
+                            b.float().t() * weights.scaling
+                        )
+                    offset += out
         self.targets[slot] = weights.targets
 
 
 class LoRAStep:
-    """One forward pass's adapter rows: which tokens read which slot."""
+    """One forward pass's adapter rows, grouped by slot (built once, read by every layer)."""
 
     def __init__(
         self,
         slots: LoRASlots,
-        rows: torch.Tensor | None,
-        ids: torch.Tensor,
+        low: int,
+        high: int,
+        gather: torch.Tensor | None,
+        keep: torch.Tensor | None,
+        scatter: torch.Tensor | None,
         groups: frozenset[str],
     ) -> None:
         self.slots = slots
-        self.rows = rows  # token indices on an adapter; None when every token is
-        self.ids = ids  # their slots
+        self.low, self.high = low, high  # the span of slots the batch reads
+        self.gather = gather  # the token behind each padded place; None: every token, in order
+        self.keep = keep  # the padded places that are real rows; None: no padding
+        self.scatter = scatter  # the token each real row adds to; None: every token, in order
         self.groups = groups  # projection groups some adapter in the batch targets
 
     @classmethod
@@ -108,7 +121,7 @@ class LoRAStep:
     ) -> LoRAStep | None:
         """None when no sequence runs an adapter (or none targets anything): the base-only
         forward then pays nothing for LoRA."""
-        used = {s for s in seq_slots if s >= 0}
+        used = sorted({s for s in seq_slots if s >= 0})
         groups = frozenset(
             group
             for group, targets in GROUPS.items()
@@ -116,33 +129,59 @@ class LoRAStep:
         )
         if not groups:
             return None
-        token_slots = [s for s, n in zip(seq_slots, query_lens, strict=True) for _ in range(n)]
-        rows = [i for i, s in enumerate(token_slots) if s >= 0]
-        ids = torch.tensor([token_slots[i] for i in rows], dtype=torch.long, device=device)
-        if len(rows) == len(token_slots):
-            return cls(slots, None, ids, groups)
-        return cls(slots, torch.tensor(rows, dtype=torch.long, device=device), ids, groups)
+        by_slot: dict[int, list[int]] = {s: [] for s in used}
+        token = 0
+        for slot, n in zip(seq_slots, query_lens, strict=True):
+            if slot >= 0:
+                by_slot[slot].extend(range(token, token + n))
+            token += n
+        order = [t for s in used for t in by_slot[s]]  # adapter tokens, slot by slot
+
+        def ints(values: list[int]) -> torch.Tensor | None:
+            if values == list(range(token)):
+                return None  # the identity: no index op at all
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        # Every slot from the lowest used to the highest gets a group (an unused one only
+        # padding), so the weights are a view of the stacks, never a per-step copy.
+        low, high = used[0], used[-1]
+        width = max(len(t) for t in by_slot.values())
+        gather, keep = [], []
+        for place, slot in enumerate(range(low, high + 1)):
+            tokens = by_slot.get(slot, [])
+            # Padding repeats a real token: computed, then never read back.
+            gather += tokens + [order[0]] * (width - len(tokens))
+            keep += range(place * width, place * width + len(tokens))
+        padding = len(gather) != len(order)
+        keep_index = torch.tensor(keep, dtype=torch.long, device=device) if padding else None
+        return cls(slots, low, high, ints(gather), keep_index, ints(order), groups)
 
     def layer(self, index: int) -> LayerLoRA:
         return LayerLoRA(self, index)
 
     def add(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        """out[rows] += x[rows] · Aᵀ[slot] · Bᵀ[slot], per sub-projection slice of `out`."""
+        """out[rows] += x[rows] · A[slot] · B[slot], every slot's rows in one bmm pair."""
         if group not in self.groups:
             return
         stack = self.slots.layers[layer][group]
-        rows_x = x if self.rows is None else x.index_select(0, self.rows)
-        shrunk = torch.bmm(stack.a[self.ids], rows_x.unsqueeze(-1))  # [n, k*R, 1]
-        width = self.slots.max_rank
-        deltas = [
-            torch.bmm(b[self.ids], shrunk[:, j * width : (j + 1) * width]).squeeze(-1)
-            for j, b in enumerate(stack.bs)
-        ]
-        delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1)
-        if self.rows is None:
+        xs = x if self.gather is None else x.index_select(0, self.gather)
+        if self.low == self.high:  # one adapter in the batch: plain matmuls
+            shrunk = xs @ stack.a[self.low]
+            if self.scatter is None:
+                out.addmm_(shrunk, stack.b[self.low])
+                return
+            delta = shrunk @ stack.b[self.low]
+        else:
+            span = slice(self.low, self.high + 1)
+            grouped = xs.view(self.high + 1 - self.low, -1, xs.shape[-1])
+            delta = torch.bmm(torch.bmm(grouped, stack.a[span]), stack.b[span])
+            delta = delta.view(-1, out.shape[-1])
+        if self.keep is not None:
+            delta = delta.index_select(0, self.keep)
+        if self.scatter is None:
             out += delta
         else:
-            out.index_add_(0, self.rows, delta)
+            out.index_add_(0, self.scatter, delta)
 
 
 @dataclass(frozen=True)

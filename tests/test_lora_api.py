@@ -279,7 +279,7 @@ def test_loading_while_the_replica_is_busy(root: str, adapters: dict) -> None:
         loaded = load(root, "busy-lora", adapters["three"])
         assert greedy(c, "busy-lora", n=4)
         results = [f.result(timeout=120) for f in running]
-    assert loaded["load_seconds"] >= 0
+    assert loaded["load_seconds"] > 0  # a fresh version: really read and installed
     assert all(finish in ("length", "stop") and n > 0 for finish, n in results)
 
 
@@ -309,3 +309,21 @@ def test_ledger_and_admin_usage_carry_the_adapter(root: str, adapters: dict) -> 
                             tenant="billed", group_by="adapter")
     lora_row = next(r for r in priced["rows"] if r["key"]["adapter"] == "billed-lora")
     assert lora_row["cost"] > 0  # billed at the base model's price
+
+
+def test_a_dedicated_tenants_adapter_is_loaded_on_its_private_replica(
+    root: str, adapters: dict
+) -> None:
+    loaded = load(root, "acme-lora", adapters["three"], tenants=["acme"])
+    key = f"acme-lora@{loaded['version']}"
+
+    def resident(deployment: str) -> list[str]:
+        handle = serve.get_deployment_handle(deployment, app_name="lora")
+        return list(handle.stats.remote().result(timeout_s=60)["loras_resident"])
+
+    assert key in resident("dedicated-acme")
+    assert key not in resident(f"shared-{MODEL}")  # the shared pool never needs it
+    raw = client(root, "acme").chat.completions.with_raw_response.create(
+        model="acme-lora", messages=PROMPT, max_tokens=3, temperature=0)
+    assert raw.headers["x-tiered-service-tier"] == "dedicated"
+    assert not_found(client(root, "initech"), "acme-lora")["code"] == "model_not_found"

@@ -133,7 +133,7 @@ def _rank_main(rank: int, port: int, config: EngineConfig, loras: dict, results:
     try:
         results["mixed"] = _drive(engine, loras, list(PROMPTS))
         qkv = engine.runner.lora_slots.layers[0]["qkv"]  # type: ignore[union-attr]
-        results["qkv_b_shapes"] = [tuple(b.shape) for b in qkv.bs]
+        results["qkv_b"] = (tuple(qkv.b.shape), qkv.out_widths)
     finally:
         engine.shutdown()
 
@@ -146,6 +146,7 @@ def test_tp2_mixed_batch_matches_peft(
     args = (free_port(), config, _requests(adapters), results)
     mp.start_processes(_rank_main, args=args, nprocs=2, start_method="spawn")
     _check(results["mixed"], reference, list(PROMPTS))
-    # Each rank holds half of B's rows for the column-parallel q/k/v (8 and 4 heads of 32).
-    assert results["qkv_b_shapes"] == [(3, 128, 16), (3, 64, 16), (3, 64, 16)]
+    # Each rank holds half of B's columns for the column-parallel q/k/v (8 and 4 heads of
+    # 32), block diagonal over the three rank-16 inner blocks.
+    assert results["qkv_b"] == ((3, 48, 256), (128, 64, 64))
     assert torch.isfinite(results["mixed"]["logits"]).all()

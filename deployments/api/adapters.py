@@ -88,10 +88,10 @@ class AdapterAdmin:
         self.catalog = catalog
         self.handles = handles
         self.timeout_s = timeout_s
-        # base model -> its pool keys, shared pool first (deployment_plan's order)
-        self.pools: dict[str, list[str]] = {}
+        # base model -> its pools (key, owner), shared pool first (deployment_plan's order)
+        self.pools: dict[str, list[tuple[str, str | None]]] = {}
         for plan in deployment_plan(catalog.config):
-            self.pools.setdefault(plan.model.name, []).append(plan.key)
+            self.pools.setdefault(plan.model.name, []).append((plan.key, plan.tenant))
 
     async def load(self, body: Any) -> dict[str, Any]:
         req = _parse(LoadAdapterBody, body)
@@ -186,10 +186,18 @@ class AdapterAdmin:
         except StateError:
             raise state_unavailable() from None
 
+    def _pool_for(self, base: str, tenants: tuple[str, ...]) -> str:
+        """Where an adapter is first loaded: the private copy of its tenant when it is for
+        dedicated tenants only (they run it there), else the shared pool."""
+        private = {owner: key for key, owner in self.pools[base] if owner is not None}
+        if tenants and all(t in private for t in tenants):
+            return private[tenants[0]]
+        return self.pools[base][0][0]
+
     async def _load_on_replica(self, base: str, reserved: Adapter) -> float:
         """One replica of the base validates and loads it: the engine's LoRALoadError
         (bad path, weights, rank, base) comes back as a 400 naming its param."""
-        handle = self.handles[self.pools[base][0]]
+        handle = self.handles[self._pool_for(base, reserved.tenants)]
         lora = LoRARequest(reserved.name, reserved.version, reserved.path)
         response = handle.load_lora.remote(lora)
         try:
