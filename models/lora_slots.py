@@ -146,7 +146,8 @@ class LoRAStep:
         # padding), so the weights are a view of the stacks, never a per-step copy.
         low, high = used[0], used[-1]
         width = max(len(t) for t in by_slot.values())
-        gather, keep = [], []
+        gather: list[int] = []
+        keep: list[int] = []
         for place, slot in enumerate(range(low, high + 1)):
             tokens = by_slot.get(slot, [])
             # Padding repeats a real token: computed, then never read back.

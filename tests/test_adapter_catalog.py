@@ -28,15 +28,24 @@ DOWN = StateSpec(url="postgresql+psycopg://u:pw@127.0.0.1:1/db", connect_timeout
 
 
 def _config(model_dir: Path) -> TieredConfig:
-    return TieredConfig.model_validate({
-        "models": [
-            {"name": "base", "path": str(model_dir), "shared_pool": {"num_replicas": 1},
-             "adapters": [{"name": "cfg-lora", "path": "s3://b/cfg", "tenants": ["acme"]}]},
-            {"name": "other", "path": str(model_dir), "shared_pool": {"num_replicas": 0}},
-        ],
-        "tenants": [{"name": "acme"}, {"name": "globex", "models": ["base"]},
-                    {"name": "outsider", "models": ["other"]}],
-    })
+    return TieredConfig.model_validate(
+        {
+            "models": [
+                {
+                    "name": "base",
+                    "path": str(model_dir),
+                    "shared_pool": {"num_replicas": 1},
+                    "adapters": [{"name": "cfg-lora", "path": "s3://b/cfg", "tenants": ["acme"]}],
+                },
+                {"name": "other", "path": str(model_dir), "shared_pool": {"num_replicas": 0}},
+            ],
+            "tenants": [
+                {"name": "acme"},
+                {"name": "globex", "models": ["base"]},
+                {"name": "outsider", "models": ["other"]},
+            ],
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +59,9 @@ def models(config: TieredConfig) -> dict[str, ServedModel]:
 
 
 def with_catalog(
-    config: TieredConfig, models: dict[str, ServedModel], spec: StateSpec,
+    config: TieredConfig,
+    models: dict[str, ServedModel],
+    spec: StateSpec,
     body: Callable[[ModelCatalog], Awaitable[T]],
 ) -> T:
     async def go() -> T:
@@ -87,8 +98,15 @@ def test_resolve_and_list_scope_adapters_to_tenants(
         await cat.registry.activate(await cat.registry.reserve(orphan, "api"))
         cfg = await cat.resolve(acme, "cfg-lora")
         hot_g = await cat.resolve(globex, "hot")
-        errors = [await error_of(cat.resolve(t, name)) for t, name in (
-            (globex, "cfg-lora"), (outsider, "hot"), (acme, "orphan"), (acme, "nope"))]
+        errors = [
+            await error_of(cat.resolve(t, name))
+            for t, name in (
+                (globex, "cfg-lora"),
+                (outsider, "hot"),
+                (acme, "orphan"),
+                (acme, "nope"),
+            )
+        ]
         listed = {t.name: await cat.listed(t) for t in (acme, globex, outsider)}
         return cfg, hot_g, errors, listed
 
@@ -206,8 +224,14 @@ def test_load_then_unload(
     loaded, taken, gone, missing, again, sent, configured = with_catalog(
         config, models, sqlite(tmp_path), body
     )
-    assert loaded == {"object": "lora_adapter", "id": "sql", "version": 1, "parent": "base",
-                      "tenants": ["acme"], "load_seconds": 0.25}
+    assert loaded == {
+        "object": "lora_adapter",
+        "id": "sql",
+        "version": 1,
+        "parent": "base",
+        "tenants": ["acme"],
+        "load_seconds": 0.25,
+    }
     assert (taken.status, taken.code, taken.param) == (400, "lora_adapter_exists", "lora_name")
     assert gone["deleted"] is True and gone["version"] == 1
     assert (missing.status, missing.code) == (404, "lora_adapter_not_found")
@@ -216,14 +240,22 @@ def test_load_then_unload(
     assert (configured.status, configured.code) == (400, "lora_adapter_in_config")
 
 
-@pytest.mark.parametrize(("outcome", "status", "code", "param"), [
-    (_refused, 400, "lora_load_failed", "r"),
-    (_dead, 503, "model_unavailable", None),
-    (_hangs, 503, "lora_load_timeout", None),
-])
+@pytest.mark.parametrize(
+    ("outcome", "status", "code", "param"),
+    [
+        (_refused, 400, "lora_load_failed", "r"),
+        (_dead, 503, "model_unavailable", None),
+        (_hangs, 503, "lora_load_timeout", None),
+    ],
+)
 def test_a_failed_load_is_never_visible_and_burns_its_version(
-    config: TieredConfig, models: dict[str, ServedModel], tmp_path: Path,
-    outcome: Callable[[], Awaitable[float]], status: int, code: str, param: str | None,
+    config: TieredConfig,
+    models: dict[str, ServedModel],
+    tmp_path: Path,
+    outcome: Callable[[], Awaitable[float]],
+    status: int,
+    code: str,
+    param: str | None,
 ) -> None:
     acme = config.tenant("acme")
     assert acme is not None

@@ -38,14 +38,17 @@ def _load(tmp_path: Path, config: dict) -> TieredConfig:
 
 def test_adapters_load_with_engine_lora_settings(tmp_path: Path) -> None:
     local = _adapter_dir(tmp_path)
-    config = _load(tmp_path, _config(
-        [
-            {"name": "sql-lora", "path": str(local), "tenants": ["acme"]},
-            {"name": "org/chat:v2", "path": "s3://bucket/chat"},  # remote: the replicas read it
-            {"name": "file-lora", "path": f"file://{local}"},
-        ],
-        engine={"max_loras": 2, "max_lora_rank": 64, "max_cpu_loras": 8},
-    ))
+    config = _load(
+        tmp_path,
+        _config(
+            [
+                {"name": "sql-lora", "path": str(local), "tenants": ["acme"]},
+                {"name": "org/chat:v2", "path": "s3://bucket/chat"},  # remote: the replicas read it
+                {"name": "file-lora", "path": f"file://{local}"},
+            ],
+            engine={"max_loras": 2, "max_lora_rank": 64, "max_cpu_loras": 8},
+        ),
+    )
     base = config.models[0]
     assert [a.name for a in base.adapters] == ["sql-lora", "org/chat:v2", "file-lora"]
     assert base.adapters[0].tenants == ["acme"] and base.adapters[1].tenants == []
@@ -69,26 +72,50 @@ def test_local_adapter_dir() -> None:
 @pytest.mark.parametrize(
     ("adapters", "model", "message"),
     [
-        ([{"name": "base", "path": "s3://b/k"}], {},
-         r"models\[0\]\.adapters\[0\]\.name: 'base' is the name of a base model"),
-        ([{"name": "other", "path": "s3://b/k"}], {},
-         r"models\[0\]\.adapters\[0\]\.name: 'other' is the name of a base model"),
-        ([{"name": "x", "path": "s3://b/1"}, {"name": "x", "path": "s3://b/2"}], {},
-         r"models\[0\]\.adapters\[1\]\.name: 'x' is already the name of "
-         r"models\[0\]\.adapters\[0\]"),
-        ([{"name": "bad name", "path": "s3://b/k"}], {},
-         r"models\[0\]\.adapters\[0\]\.name: String should match pattern"),
+        (
+            [{"name": "base", "path": "s3://b/k"}],
+            {},
+            r"models\[0\]\.adapters\[0\]\.name: 'base' is the name of a base model",
+        ),
+        (
+            [{"name": "other", "path": "s3://b/k"}],
+            {},
+            r"models\[0\]\.adapters\[0\]\.name: 'other' is the name of a base model",
+        ),
+        (
+            [{"name": "x", "path": "s3://b/1"}, {"name": "x", "path": "s3://b/2"}],
+            {},
+            r"models\[0\]\.adapters\[1\]\.name: 'x' is already the name of "
+            r"models\[0\]\.adapters\[0\]",
+        ),
+        (
+            [{"name": "bad name", "path": "s3://b/k"}],
+            {},
+            r"models\[0\]\.adapters\[0\]\.name: String should match pattern",
+        ),
         ([{"name": "x", "path": ""}], {}, r"models\[0\]\.adapters\[0\]\.path: String should"),
         ([{"name": "x"}], {}, r"models\[0\]\.adapters\[0\]\.path: Field required"),
-        ([{"name": "x", "path": "s3://b/k", "rank": 8}], {},
-         r"models\[0\]\.adapters\[0\]\.rank: Extra inputs are not permitted"),
-        ([{"name": "x", "path": "s3://b/k", "tenants": ["nobody"]}], {},
-         r"models\[0\]\.adapters\[0\]\.tenants\[0\]: unknown tenant 'nobody'"),
-        ([{"name": "x", "path": "s3://b/k", "tenants": ["acme", "globex"]}], {},
-         r"models\[0\]\.adapters\[0\]\.tenants\[1\]: tenant 'globex' may not use the base "
-         r"model 'base'"),
-        ([{"name": "x", "path": "s3://b/k"}], {"engine": {"max_loras": 0}},
-         r"models\[0\]\.engine\.max_loras: 0 turns LoRA off, but the model lists 1 adapter"),
+        (
+            [{"name": "x", "path": "s3://b/k", "rank": 8}],
+            {},
+            r"models\[0\]\.adapters\[0\]\.rank: Extra inputs are not permitted",
+        ),
+        (
+            [{"name": "x", "path": "s3://b/k", "tenants": ["nobody"]}],
+            {},
+            r"models\[0\]\.adapters\[0\]\.tenants\[0\]: unknown tenant 'nobody'",
+        ),
+        (
+            [{"name": "x", "path": "s3://b/k", "tenants": ["acme", "globex"]}],
+            {},
+            r"models\[0\]\.adapters\[0\]\.tenants\[1\]: tenant 'globex' may not use the base "
+            r"model 'base'",
+        ),
+        (
+            [{"name": "x", "path": "s3://b/k"}],
+            {"engine": {"max_loras": 0}},
+            r"models\[0\]\.engine\.max_loras: 0 turns LoRA off, but the model lists 1 adapter",
+        ),
         ([], {"engine": {"max_lora_rank": 0}}, r"models\[0\]\.engine\.max_lora_rank: Input should"),
         ([], {"engine": {"max_cpu_loras": 0}}, r"models\[0\]\.engine\.max_cpu_loras: Input should"),
     ],

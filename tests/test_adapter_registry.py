@@ -111,10 +111,14 @@ def test_one_active_row_per_name_is_a_database_invariant(state_spec: StateSpec) 
     async def body(reg: AdapterRegistry) -> None:
         await load(reg)
         async with reg.store.engine.begin() as conn:
-            await conn.execute(text(
-                "INSERT INTO adapters (name, version, base_model, path, tenants, source, "
-                "created_at, loaded_at) VALUES ('sql-lora', 9, 'base', '/x', '[]', 'api', "
-                ":now, :now)"), {"now": NOW})
+            await conn.execute(
+                text(
+                    "INSERT INTO adapters (name, version, base_model, path, tenants, source, "
+                    "created_at, loaded_at) VALUES ('sql-lora', 9, 'base', '/x', '[]', 'api', "
+                    ":now, :now)"
+                ),
+                {"now": NOW},
+            )
 
     with pytest.raises(IntegrityError):
         with_registry(state_spec, body)
@@ -129,10 +133,13 @@ def test_config_sync_is_idempotent_and_versions_changes(state_spec: StateSpec) -
         first = {a.name: a for a in await reg.active()}
         await reg.sync_config(cfg, NOW)
         same = {a.name: a for a in await reg.active()}
-        await reg.sync_config([
-            NewAdapter("sql-lora", "base", "/adapters/sql-v2"),  # new path: new version
-            NewAdapter("chat-lora", "base", "s3://bucket/chat", ("acme", "globex")),
-        ], NOW)
+        await reg.sync_config(
+            [
+                NewAdapter("sql-lora", "base", "/adapters/sql-v2"),  # new path: new version
+                NewAdapter("chat-lora", "base", "s3://bucket/chat", ("acme", "globex")),
+            ],
+            NOW,
+        )
         changed = {a.name: a for a in await reg.active()}
         await reg.sync_config([A1], NOW)  # chat-lora left the config: unloaded
         last = {a.name: a for a in await reg.active()}

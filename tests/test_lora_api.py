@@ -34,8 +34,10 @@ PROMPT = [{"role": "user", "content": "Tell me about the lighthouse"}]
 def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """PEFT adapters on the tiny base (random, nonzero), and broken variants of one."""
     root = tmp_path_factory.mktemp("adapters")
-    made = {name: write_adapter(tiny_model_dir, root / name, seed=seed, r=8)
-            for name, seed in (("one", 1), ("two", 2), ("three", 3), ("cfg", 4))}
+    made = {
+        name: write_adapter(tiny_model_dir, root / name, seed=seed, r=8)
+        for name, seed in (("one", 1), ("two", 2), ("three", 3), ("cfg", 4))
+    }
     made["rank32"] = write_adapter(tiny_model_dir, root / "rank32", seed=5, r=32)
     made["wrong_base"] = edit_config(
         made["one"], root / "wrong_base", base_model_name_or_path="someone/other-model"
@@ -48,35 +50,56 @@ def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def _config(model_dir: Path, cfg_adapter: Path) -> TieredConfig:
-    engine = {"num_kv_blocks": 256, "max_num_seqs": 4, "max_num_batched_tokens": 512,
-              "max_loras": 2}
+    engine = {
+        "num_kv_blocks": 256,
+        "max_num_seqs": 4,
+        "max_num_batched_tokens": 512,
+        "max_loras": 2,
+    }
 
     def tenant(name: str, **kw: object) -> dict:
         return {"name": name, "api_key_hashes": [hash_key(KEYS[name])], **kw}
 
-    return TieredConfig.model_validate({
-        "models": [
-            {"name": MODEL, "path": str(model_dir), "engine": engine,
-             "shared_pool": {"num_replicas": 1},
-             "adapters": [{"name": "cfg-lora", "path": str(cfg_adapter), "tenants": ["globex"]}]},
-            {"name": "second", "path": str(model_dir), "engine": engine,
-             "shared_pool": {"num_replicas": 0}},
-        ],
-        "tenants": [
-            tenant("globex", models=[MODEL]),
-            tenant("initech", models=[MODEL]),
-            tenant("outsider", models=["second"]),
-            tenant("billed", models=[MODEL]),
-            tenant("acme", tier="dedicated",
-                   dedicated={"model": MODEL, "reserved_replicas": 1, "spill": False}),
-        ],
-        "admin_key_hashes": [hash_key(KEYS["admin"])],
-        "ingress": {"num_replicas": 2},
-        "state": {"url": f"sqlite+aiosqlite:///{state_dir() / 'lora.db'}"},
-        "prices": {"tokens": [
-            {"model": MODEL, "tier": "shared", "input_per_1m": 2.0, "output_per_1m": 8.0},
-        ]},
-    })
+    return TieredConfig.model_validate(
+        {
+            "models": [
+                {
+                    "name": MODEL,
+                    "path": str(model_dir),
+                    "engine": engine,
+                    "shared_pool": {"num_replicas": 1},
+                    "adapters": [
+                        {"name": "cfg-lora", "path": str(cfg_adapter), "tenants": ["globex"]}
+                    ],
+                },
+                {
+                    "name": "second",
+                    "path": str(model_dir),
+                    "engine": engine,
+                    "shared_pool": {"num_replicas": 0},
+                },
+            ],
+            "tenants": [
+                tenant("globex", models=[MODEL]),
+                tenant("initech", models=[MODEL]),
+                tenant("outsider", models=["second"]),
+                tenant("billed", models=[MODEL]),
+                tenant(
+                    "acme",
+                    tier="dedicated",
+                    dedicated={"model": MODEL, "reserved_replicas": 1, "spill": False},
+                ),
+            ],
+            "admin_key_hashes": [hash_key(KEYS["admin"])],
+            "ingress": {"num_replicas": 2},
+            "state": {"url": f"sqlite+aiosqlite:///{state_dir() / 'lora.db'}"},
+            "prices": {
+                "tokens": [
+                    {"model": MODEL, "tier": "shared", "input_per_1m": 2.0, "output_per_1m": 8.0},
+                ]
+            },
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -136,22 +159,33 @@ def test_hot_load_then_chat_completions_and_responses(root: str, adapters: dict)
     assert greedy(c, "sql-lora") == tuned  # deterministic, and prefix-cache hits agree
     assert greedy(client(root, "initech"), "sql-lora") == tuned
 
-    chunks = list(c.chat.completions.create(
-        model="sql-lora", messages=PROMPT, max_tokens=12, temperature=0, stream=True))
+    chunks = list(
+        c.chat.completions.create(
+            model="sql-lora", messages=PROMPT, max_tokens=12, temperature=0, stream=True
+        )
+    )
     assert chunks[0].model == "sql-lora"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == tuned
 
-    comp = c.completions.create(model="sql-lora", prompt="The lighthouse", max_tokens=6,
-                                temperature=0)
-    base_comp = c.completions.create(model=MODEL, prompt="The lighthouse", max_tokens=6,
-                                     temperature=0)
+    comp = c.completions.create(
+        model="sql-lora", prompt="The lighthouse", max_tokens=6, temperature=0
+    )
+    base_comp = c.completions.create(
+        model=MODEL, prompt="The lighthouse", max_tokens=6, temperature=0
+    )
     assert comp.model == "sql-lora" and comp.choices[0].text != base_comp.choices[0].text
 
-    resp = c.responses.create(model="sql-lora", input="Tell me about the lighthouse",
-                              max_output_tokens=8, temperature=0)
+    resp = c.responses.create(
+        model="sql-lora", input="Tell me about the lighthouse", max_output_tokens=8, temperature=0
+    )
     assert resp.model == "sql-lora" and resp.status in ("completed", "incomplete")
-    follow = c.responses.create(model="sql-lora", input="And then?", max_output_tokens=4,
-                                previous_response_id=resp.id, temperature=0)
+    follow = c.responses.create(
+        model="sql-lora",
+        input="And then?",
+        max_output_tokens=4,
+        previous_response_id=resp.id,
+        temperature=0,
+    )
     assert follow.model == "sql-lora"
 
 
@@ -169,8 +203,11 @@ def test_tenant_scoping_is_a_404_like_a_missing_model(root: str, adapters: dict)
     load(root, "scoped-lora", adapters["three"], tenants=["globex"])
     assert greedy(client(root, "globex"), "scoped-lora")
     missing = not_found(client(root, "initech"), "no-such-model")
-    for tenant, name in (("initech", "scoped-lora"), ("outsider", "scoped-lora"),
-                         ("initech", "cfg-lora")):
+    for tenant, name in (
+        ("initech", "scoped-lora"),
+        ("outsider", "scoped-lora"),
+        ("initech", "cfg-lora"),
+    ):
         body = not_found(client(root, tenant), name)
         assert body["code"] == missing["code"] == "model_not_found"
         assert body["message"] == missing["message"].replace("no-such-model", name)
@@ -187,9 +224,12 @@ def test_unload_is_a_404_on_every_ingress_then_a_reload_gets_new_weights(
     assert gone.status_code == 200 and gone.json()["deleted"] is True
     ingresses: set[str] = set()
     for _ in range(40):  # until both ingress replicas have answered
-        raw = httpx.post(f"{root}/v1/chat/completions", timeout=60,
-                         headers={"Authorization": f"Bearer {KEYS['globex']}"},
-                         json={"model": "swap-lora", "messages": PROMPT, "max_tokens": 2})
+        raw = httpx.post(
+            f"{root}/v1/chat/completions",
+            timeout=60,
+            headers={"Authorization": f"Bearer {KEYS['globex']}"},
+            json={"model": "swap-lora", "messages": PROMPT, "max_tokens": 2},
+        )
         assert raw.status_code == 404 and raw.json()["error"]["code"] == "model_not_found"
         ingresses.add(raw.headers["x-tiered-ingress"])
         if len(ingresses) == 2:
@@ -210,24 +250,34 @@ def test_unload_is_a_404_on_every_ingress_then_a_reload_gets_new_weights(
     assert after == greedy(c, "swap-lora")
 
 
-@pytest.mark.parametrize(("body", "status", "param"), [
-    ({"lora_path": "/x"}, 400, "lora_name"),
-    ({"lora_name": "x"}, 400, "lora_path"),
-    ({"lora_name": "bad name", "lora_path": "/x"}, 400, "lora_name"),
-    ({"lora_name": "x", "lora_path": "/x", "rank": 8}, 400, "rank"),
-    ({"lora_name": MODEL, "lora_path": "/x", "base_model": MODEL}, 400, "lora_name"),
-    ({"lora_name": "x", "lora_path": "/x"}, 400, "base_model"),  # two bases: name one
-    ({"lora_name": "x", "lora_path": "/x", "base_model": "nope"}, 400, "base_model"),
-    ({"lora_name": "x", "lora_path": "/x", "base_model": "second"}, 400, "base_model"),
-    ({"lora_name": "x", "lora_path": "/x", "base_model": MODEL, "tenants": ["nobody"]},
-     400, "tenants.0"),
-    ({"lora_name": "x", "lora_path": "/x", "base_model": MODEL, "tenants": ["outsider"]},
-     400, "tenants.0"),
-    ({"lora_name": "cfg-lora", "lora_path": "/x", "base_model": MODEL}, 400, "lora_name"),
-    ([1, 2], 400, None),
-])
-def test_bad_load_requests_are_openai_400s(root: str, body: Any, status: int,
-                                           param: str | None) -> None:
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"lora_path": "/x"}, 400, "lora_name"),
+        ({"lora_name": "x"}, 400, "lora_path"),
+        ({"lora_name": "bad name", "lora_path": "/x"}, 400, "lora_name"),
+        ({"lora_name": "x", "lora_path": "/x", "rank": 8}, 400, "rank"),
+        ({"lora_name": MODEL, "lora_path": "/x", "base_model": MODEL}, 400, "lora_name"),
+        ({"lora_name": "x", "lora_path": "/x"}, 400, "base_model"),  # two bases: name one
+        ({"lora_name": "x", "lora_path": "/x", "base_model": "nope"}, 400, "base_model"),
+        ({"lora_name": "x", "lora_path": "/x", "base_model": "second"}, 400, "base_model"),
+        (
+            {"lora_name": "x", "lora_path": "/x", "base_model": MODEL, "tenants": ["nobody"]},
+            400,
+            "tenants.0",
+        ),
+        (
+            {"lora_name": "x", "lora_path": "/x", "base_model": MODEL, "tenants": ["outsider"]},
+            400,
+            "tenants.0",
+        ),
+        ({"lora_name": "cfg-lora", "lora_path": "/x", "base_model": MODEL}, 400, "lora_name"),
+        ([1, 2], 400, None),
+    ],
+)
+def test_bad_load_requests_are_openai_400s(
+    root: str, body: Any, status: int, param: str | None
+) -> None:
     resp = admin_post(root, "/v1/load_lora_adapter", body)
     assert resp.status_code == status, resp.text
     error = resp.json()["error"]
@@ -242,19 +292,25 @@ def test_admin_key_only(root: str) -> None:
     assert httpx.post(f"{root}/v1/unload_lora_adapter", json={"lora_name": "x"}).status_code == 401
 
 
-@pytest.mark.parametrize(("adapter", "param"), [
-    ("missing", "lora_path"),
-    ("corrupt", "lora_path"),
-    ("rank32", "r"),
-    ("wrong_base", "base_model_name_or_path"),
-])
+@pytest.mark.parametrize(
+    ("adapter", "param"),
+    [
+        ("missing", "lora_path"),
+        ("corrupt", "lora_path"),
+        ("rank32", "r"),
+        ("wrong_base", "base_model_name_or_path"),
+    ],
+)
 def test_bad_adapters_are_400s_and_the_replica_keeps_serving(
     root: str, adapters: dict, tmp_path: Path, adapter: str, param: str
 ) -> None:
     path = tmp_path / "does-not-exist" if adapter == "missing" else adapters[adapter]
     name = f"bad-{adapter}"
-    resp = admin_post(root, "/v1/load_lora_adapter",
-                      {"lora_name": name, "lora_path": str(path), "base_model": MODEL})
+    resp = admin_post(
+        root,
+        "/v1/load_lora_adapter",
+        {"lora_name": name, "lora_path": str(path), "base_model": MODEL},
+    )
     assert resp.status_code == 400, resp.text
     error = resp.json()["error"]
     assert error["param"] == param and error["code"] == "lora_load_failed", error
@@ -268,9 +324,16 @@ def test_loading_while_the_replica_is_busy(root: str, adapters: dict) -> None:
     c = client(root, "initech")
 
     def stream() -> tuple[str | None, int]:
-        chunks = list(c.chat.completions.create(
-            model=MODEL, messages=PROMPT, max_tokens=48, temperature=0.8, stream=True,
-            stream_options={"include_usage": True}))
+        chunks = list(
+            c.chat.completions.create(
+                model=MODEL,
+                messages=PROMPT,
+                max_tokens=48,
+                temperature=0.8,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
         finish = next(ch.choices[0].finish_reason for ch in reversed(chunks) if ch.choices)
         return finish, chunks[-1].usage.completion_tokens
 
@@ -290,7 +353,8 @@ def test_ledger_and_admin_usage_carry_the_adapter(root: str, adapters: dict) -> 
         greedy(billed, model, n=3)
     # The dedicated tenant's adapter requests run on its private replica.
     raw = client(root, "acme").chat.completions.with_raw_response.create(
-        model="billed-lora", messages=PROMPT, max_tokens=3, temperature=0)
+        model="billed-lora", messages=PROMPT, max_tokens=3, temperature=0
+    )
     assert raw.headers["x-tiered-service-tier"] == "dedicated"
     assert raw.parse().model == "billed-lora"
 
@@ -298,15 +362,19 @@ def test_ledger_and_admin_usage_carry_the_adapter(root: str, adapters: dict) -> 
         return {(r["key"]["tenant"], r["key"]["adapter"]): r["requests"] for r in report["rows"]}
 
     report = wait_for_usage(
-        root, KEYS["admin"],
-        lambda rep: rows(rep).get(("billed", "billed-lora")) == 2
-        and rows(rep).get(("acme", "billed-lora")) == 1,
+        root,
+        KEYS["admin"],
+        lambda rep: (
+            rows(rep).get(("billed", "billed-lora")) == 2
+            and rows(rep).get(("acme", "billed-lora")) == 1
+        ),
         group_by="tenant,adapter",
     )
     got = rows(report)
     assert got[("billed", "")] == 1
-    priced = wait_for_usage(root, KEYS["admin"], lambda rep: bool(rep["rows"]),
-                            tenant="billed", group_by="adapter")
+    priced = wait_for_usage(
+        root, KEYS["admin"], lambda rep: bool(rep["rows"]), tenant="billed", group_by="adapter"
+    )
     lora_row = next(r for r in priced["rows"] if r["key"]["adapter"] == "billed-lora")
     assert lora_row["cost"] > 0  # billed at the base model's price
 
@@ -324,6 +392,7 @@ def test_a_dedicated_tenants_adapter_is_loaded_on_its_private_replica(
     assert key in resident("dedicated-acme")
     assert key not in resident(f"shared-{MODEL}")  # the shared pool never needs it
     raw = client(root, "acme").chat.completions.with_raw_response.create(
-        model="acme-lora", messages=PROMPT, max_tokens=3, temperature=0)
+        model="acme-lora", messages=PROMPT, max_tokens=3, temperature=0
+    )
     assert raw.headers["x-tiered-service-tier"] == "dedicated"
     assert not_found(client(root, "initech"), "acme-lora")["code"] == "model_not_found"

@@ -74,8 +74,12 @@ def _parse(model: type[Body], body: Any) -> Body:
 
 def _adapter_object(adapter: Adapter, **extra: Any) -> dict[str, Any]:
     return {
-        "object": "lora_adapter", "id": adapter.name, "version": adapter.version,
-        "parent": adapter.base_model, "tenants": list(adapter.tenants), **extra,
+        "object": "lora_adapter",
+        "id": adapter.name,
+        "version": adapter.version,
+        "parent": adapter.base_model,
+        "tenants": list(adapter.tenants),
+        **extra,
     }
 
 
@@ -121,8 +125,10 @@ class AdapterAdmin:
         gone = await self._registry_call(self._unload(req.lora_name))
         if gone is None:
             raise OpenAIError(
-                404, f"The LoRA adapter '{req.lora_name}' cannot be found.",
-                param="lora_name", code="lora_adapter_not_found",
+                404,
+                f"The LoRA adapter '{req.lora_name}' cannot be found.",
+                param="lora_name",
+                code="lora_adapter_not_found",
             )
         return _adapter_object(gone, deleted=True)
 
@@ -132,18 +138,23 @@ class AdapterAdmin:
         if named is None:
             if len(bases) > 1:
                 raise OpenAIError(
-                    400, f"several base models are served ({', '.join(bases)}): name one in "
-                    "'base_model'", param="base_model",
+                    400,
+                    f"several base models are served ({', '.join(bases)}): name one in "
+                    "'base_model'",
+                    param="base_model",
                 )
             named = bases[0]
         if named not in self.catalog.models:
             raise OpenAIError(
-                400, f"base_model '{named[:256]}' is not served here", param="base_model",
+                400,
+                f"base_model '{named[:256]}' is not served here",
+                param="base_model",
                 code="model_not_found",
             )
         if not self.pools.get(named):
             raise OpenAIError(
-                400, f"base model '{named}' has no replicas to load an adapter onto",
+                400,
+                f"base model '{named}' has no replicas to load an adapter onto",
                 param="base_model",
             )
         return named
@@ -155,7 +166,8 @@ class AdapterAdmin:
                 raise OpenAIError(400, f"unknown tenant '{name}'", param=f"tenants.{i}")
             if not tenant.may_use(base):
                 raise OpenAIError(
-                    400, f"tenant '{name}' may not use the base model '{base}'",
+                    400,
+                    f"tenant '{name}' may not use the base model '{base}'",
                     param=f"tenants.{i}",
                 )
 
@@ -174,14 +186,18 @@ class AdapterAdmin:
             return await work
         except AdapterExistsError as exc:
             raise OpenAIError(
-                400, f"The LoRA adapter '{exc.name}' is already loaded; unload it first.",
-                param="lora_name", code="lora_adapter_exists",
+                400,
+                f"The LoRA adapter '{exc.name}' is already loaded; unload it first.",
+                param="lora_name",
+                code="lora_adapter_exists",
             ) from None
         except ConfiguredAdapterError as exc:
             raise OpenAIError(
-                400, f"The LoRA adapter '{exc.name}' is defined in the config "
+                400,
+                f"The LoRA adapter '{exc.name}' is defined in the config "
                 "(models[].adapters); remove it there and redeploy.",
-                param="lora_name", code="lora_adapter_in_config",
+                param="lora_name",
+                code="lora_adapter_in_config",
             ) from None
         except StateError:
             raise state_unavailable() from None
@@ -206,7 +222,8 @@ class AdapterAdmin:
             response.cancel()
             raise unavailable(
                 f"Loading the LoRA adapter '{reserved.name}' took over {self.timeout_s:g}s; "
-                "retry shortly.", code="lora_load_timeout",
+                "retry shortly.",
+                code="lora_load_timeout",
             ) from None
         except Exception as exc:
             mapped = from_engine_error(exc)

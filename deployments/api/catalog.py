@@ -43,8 +43,10 @@ def check_allowed(tenant: TenantSpec, model: ServedModel) -> None:
     when resolved)."""
     if not tenant.may_use(model.base):
         raise OpenAIError(
-            403, f"tenant '{tenant.name}' may not use model '{model.name}'",
-            param="model", code="model_not_allowed",
+            403,
+            f"tenant '{tenant.name}' may not use model '{model.name}'",
+            param="model",
+            code="model_not_allowed",
         )
 
 
@@ -114,7 +116,7 @@ class ModelCatalog:
         for adapter in adapters:
             served = self.usable(tenant, adapter)
             if served is not None and adapter.loaded_at is not None:
-                data.append(_model_object(
-                    served.name, int(adapter.loaded_at.timestamp()), served.parent
-                ))
+                data.append(
+                    _model_object(served.name, int(adapter.loaded_at.timestamp()), served.parent)
+                )
         return data

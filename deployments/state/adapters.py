@@ -79,9 +79,15 @@ class ConfiguredAdapterError(Exception):
 def _adapter(row: Row[Any]) -> Adapter:
     m = row._mapping
     return Adapter(
-        name=m["name"], version=m["version"], base_model=m["base_model"], path=m["path"],
-        tenants=tuple(m["tenants"]), source=m["source"], created_at=m["created_at"],
-        loaded_at=m["loaded_at"], unloaded_at=m["unloaded_at"],
+        name=m["name"],
+        version=m["version"],
+        base_model=m["base_model"],
+        path=m["path"],
+        tenants=tuple(m["tenants"]),
+        source=m["source"],
+        created_at=m["created_at"],
+        loaded_at=m["loaded_at"],
+        unloaded_at=m["unloaded_at"],
     )
 
 
@@ -187,9 +193,7 @@ class AdapterRegistry:
         now = now or datetime.now(UTC)
         names = {new.name for new in configured}
         async with self._writing() as conn:
-            current = {
-                a.name: a for a in map(_adapter, (await conn.execute(_active())).all())
-            }
+            current = {a.name: a for a in map(_adapter, (await conn.execute(_active())).all())}
             for stale in current.values():
                 if stale.source == "config" and stale.name not in names:
                     await self._retire(conn, stale, now)
@@ -210,7 +214,10 @@ class AdapterRegistry:
     # ---- inside a write transaction ------------------------------------------------------
     @staticmethod
     async def _insert(
-        conn: AsyncConnection, new: NewAdapter, source: Source, now: datetime,
+        conn: AsyncConnection,
+        new: NewAdapter,
+        source: Source,
+        now: datetime,
         loaded_at: datetime | None,
     ) -> Adapter:
         c = ADAPTERS.c
@@ -218,16 +225,30 @@ class AdapterRegistry:
             await conn.execute(select(func.max(c.version)).where(c.name == new.name))
         ).scalar_one()
         adapter = Adapter(
-            name=new.name, version=(last or 0) + 1, base_model=new.base_model, path=new.path,
-            tenants=tuple(new.tenants), source=source, created_at=now, loaded_at=loaded_at,
+            name=new.name,
+            version=(last or 0) + 1,
+            base_model=new.base_model,
+            path=new.path,
+            tenants=tuple(new.tenants),
+            source=source,
+            created_at=now,
+            loaded_at=loaded_at,
             unloaded_at=None,
         )
-        await conn.execute(insert(ADAPTERS), {
-            "name": adapter.name, "version": adapter.version,
-            "base_model": adapter.base_model, "path": adapter.path,
-            "tenants": list(adapter.tenants), "source": source, "created_at": now,
-            "loaded_at": loaded_at, "unloaded_at": None,
-        })
+        await conn.execute(
+            insert(ADAPTERS),
+            {
+                "name": adapter.name,
+                "version": adapter.version,
+                "base_model": adapter.base_model,
+                "path": adapter.path,
+                "tenants": list(adapter.tenants),
+                "source": source,
+                "created_at": now,
+                "loaded_at": loaded_at,
+                "unloaded_at": None,
+            },
+        )
         return adapter
 
     @staticmethod

@@ -35,8 +35,12 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("name", "version", name="pk_adapters"),
     )
     op.create_index(
-        "ix_adapters_name_active", "adapters", ["name"], unique=True,
-        sqlite_where=sa.text(ACTIVE), postgresql_where=sa.text(ACTIVE),
+        "ix_adapters_name_active",
+        "adapters",
+        ["name"],
+        unique=True,
+        sqlite_where=sa.text(ACTIVE),
+        postgresql_where=sa.text(ACTIVE),
     )
 
 
