@@ -141,7 +141,7 @@ def test_lora_adapters_through_the_replica(pair, tiny_model_dir: Path, tmp_path:
     with pytest.raises(LoRALoadError):
         run(collect(pair, replace(request("bad", prompt, **GREEDY), lora=missing)))
 
-    assert pair.load_lora.remote(sql).result(timeout_s=60) >= 0.0
+    pair.load_lora.remote(sql).result(timeout_s=60)  # a holder, so the unload has work
     unloaded = []
     deadline = time.monotonic() + 30
     while any(  # handle calls reach either replica: unload until neither holds it
@@ -151,6 +151,32 @@ def test_lora_adapters_through_the_replica(pair, tiny_model_dir: Path, tmp_path:
         assert time.monotonic() < deadline, f"sql@1 still held; unload_lora said {unloaded}"
         unloaded.append(pair.unload_lora.remote("sql").result(timeout_s=30))
     assert True in unloaded
+
+
+def test_a_tp2_replica_runs_adapters_like_tp1(pair, tiny_model_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Through a TP=2 replica (rank 1 a TPWorker actor), the followers load their slices of
+    the adapter rank 0 validated: the same greedy tokens as the TP=1 pair, on the adapter
+    and on the base in one batch."""
+    sql = LoRARequest("sql-tp", 1, str(write_adapter(tiny_model_dir, tmp_path / "s", seed=7)))
+    prompt = [11, 22, 33, 44, 55]
+    tuned = replace(request("tuned", prompt, **GREEDY), lora=sql)
+    want_tuned, _ = run(collect(pair, tuned))
+    want_base, _ = run(collect(pair, request("base", prompt, **GREEDY)))
+    handle = deploy(tiny_model_dir, "tp-lora", tp_size=2)
+    try:
+
+        async def both() -> list[tuple[list[int], set[str]]]:
+            return await asyncio.gather(
+                collect(handle, replace(tuned, request_id="tuned-tp2")),
+                collect(handle, request("base-tp2", prompt, **GREEDY)),
+            )
+
+        (got_tuned, _), (got_base, _) = run(both())
+        assert got_tuned == want_tuned != want_base
+        assert got_base == want_base
+        assert list(handle.stats.remote().result(timeout_s=30)["loras_resident"]) == ["sql-tp@1"]
+    finally:
+        serve.delete("tp-lora")
 
 
 def test_graceful_drain_then_release(ray_cluster, tiny_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
