@@ -8,6 +8,10 @@ L2: adapter load time (LLMEngine.load_lora: read, validate, install), a fresh ve
     each time, from files the OS has cached (storage latency is not measured).
 L3: latency of a short request whose adapter must first be loaded against one whose
     adapter is resident, alternating, each with a prompt of its own.
+L4: the model's forward time of one decode step of 32 sequences (context 96) on the base
+    and on 1..16 adapters, every mix once per round in turn, over many rounds: the LoRA
+    kernels' own cost, paired step by step, so a shared box's drift cancels better than
+    in L1's whole runs.
 
 Adapters are PEFT's own (LoraConfig(init_lora_weights=False), save_pretrained), rank 8 on
 every projection, in a temp dir. The prefix cache is off, so repeats recompute their
@@ -39,6 +43,7 @@ from models.default_model import Size, default_model_path
 from models.engine import LLMEngine
 from models.engine_config import EngineConfig
 from models.lora import LoRARequest
+from models.runner import StepBatch
 from models.sampling_params import SamplingParams
 from tests.lora_adapters import write_adapter
 
@@ -109,6 +114,50 @@ def run_l1(
     return out
 
 
+def _decode_batch(engine: LLMEngine, slots: list[int], context: int) -> StepBatch:
+    """One decode token per sequence, each over `context` positions of its own blocks."""
+    bs = engine.config.block_size
+    per_seq = -(-context // bs)
+    batch = StepBatch([], [], [], [], [], [], [], [])
+    for i in range(len(slots)):
+        table = list(range(i * per_seq, (i + 1) * per_seq))
+        batch.input_ids.append(10 + i)
+        batch.positions.append(context - 1)
+        batch.slot_mapping.append(table[(context - 1) // bs] * bs + (context - 1) % bs)
+        batch.query_lens.append(1)
+        batch.context_lens.append(context)
+        batch.block_tables.append(table)
+        batch.logits_indices.append(i)
+    batch.lora_slots = slots if any(s >= 0 for s in slots) else []
+    return batch
+
+
+def run_l4(
+    engine: LLMEngine, adapters: list[LoRARequest], mixes: list[int], n: int, rounds: int
+) -> dict:
+    """Decode-step forward times; the engine is idle, so its free KV blocks are scratch."""
+    assert engine.loras is not None and not engine.has_unfinished()
+    for lora in adapters[: max(mixes)]:
+        assert engine.loras.acquire_slot(lora.key, set())
+    slot = [engine.loras.slot_of(lora.key) for lora in adapters]
+    batches = {"base": _decode_batch(engine, [-1] * n, 96)}
+    for k in mixes:
+        name = f"{k} adapter{'s' if k > 1 else ''}"
+        batches[name] = _decode_batch(engine, [slot[i % k] for i in range(n)], 96)
+    seconds: dict[str, list[float]] = {name: [] for name in batches}
+    for round_ in range(rounds + 5):  # the first 5 warm up
+        for name, batch in batches.items():
+            start = time.perf_counter()
+            engine.runner.execute(batch)
+            if round_ >= 5:
+                seconds[name].append(time.perf_counter() - start)
+    out: dict = {"sequences": n, "rounds": rounds, "runs": {}}
+    for name, samples in seconds.items():
+        ratios = [b / s for s, b in zip(samples, seconds["base"], strict=True)]
+        out["runs"][name] = {"step_s": percentiles(samples), "speed_vs_base": percentiles(ratios)}
+    return out
+
+
 def run_l2(engine: LLMEngine, paths: list[Path], loads: int) -> dict:
     seconds = [
         engine.load_lora(LoRARequest("cold", 1000 + i, str(paths[i % len(paths)])))
@@ -155,6 +204,7 @@ class Plan:
     repeats: int
     loads: int
     latency_repeats: int
+    step_rounds: int
 
 
 def run(plan: Plan, workdir: Path) -> dict:
@@ -182,6 +232,7 @@ def run(plan: Plan, workdir: Path) -> dict:
         "max_loras": MAX_LORAS,
         "rank": RANK,
         "l1_throughput": run_l1(engine, adapters, plan.mixes, n, out_len, plan.repeats, vocab),
+        "l4_decode_step": run_l4(engine, adapters, plan.mixes, n, plan.step_rounds),
         "l2_load": run_l2(engine, paths, plan.loads),
         "l3_latency": run_l3(engine, paths[0], plan.latency_repeats, 8, vocab),
     }
@@ -189,6 +240,7 @@ def run(plan: Plan, workdir: Path) -> dict:
 
 def table(result: dict) -> Table:
     l1, l2, l3 = result["l1_throughput"], result["l2_load"], result["l3_latency"]
+    l4 = result["l4_decode_step"]
     t = Table(
         title=f"Tiered multi-LoRA on the engine ({result['model']}, rank {result['rank']}, "
         f"max_loras {result['max_loras']}; {l1['requests']} concurrent requests x "
@@ -204,6 +256,10 @@ def table(result: dict) -> Table:
         r = run_["ratio_to_base"]
         ratio = f"{r['p50']:.2f}x ({r['p10']:.2f}..{r['p90']:.2f}) of base"
         row(f"L1 tok/s, {name}", run_["tok_s"], 1, ".0f", ratio)
+    for name, run_ in l4["runs"].items():
+        r = run_["speed_vs_base"]
+        ratio = f"{r['p50']:.2f}x ({r['p10']:.2f}..{r['p90']:.2f}) of base speed"
+        row(f"L4 decode step ms, {name}", run_["step_s"], 1000, ".2f", ratio)
     row(f"L2 adapter load ms ({l2['loads']} loads)", l2["seconds"], 1000, ".1f", "")
     row("L3 latency ms, adapter resident", l3["resident_s"], 1000, ".1f", "")
     ratio = f"{l3['cold_over_resident_p50']:.2f}x of resident"
@@ -221,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--loads", type=int, default=20)
     parser.add_argument("--latency-repeats", type=int, default=10)
+    parser.add_argument("--step-rounds", type=int, default=300)
     parser.add_argument("--out", type=Path, default=Path("bench/results/lora.json"))
     args = parser.parse_args(argv)
     if max(args.mixes) > MAX_LORAS:
@@ -235,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
             args.repeats,
             args.loads,
             args.latency_repeats,
+            args.step_rounds,
         )
         result = run(plan, Path(workdir))
     result["machine"] = (
