@@ -1,6 +1,7 @@
 """The app builder: one Tiered YAML in, one Serve application out.
 
-`serve run deployments.app:build config=cluster/serve-default.yaml` or `tiered serve`.
+`serve run deployments.app:build config=my.yaml` or `tiered serve` (whose default is
+deployments/config/serve-default.yaml, shipped in the package).
 It deploys every model server of the plan (a shared pool per model, a private copy per
 dedicated tenant, pinned by its node-type resource when set) and the ingress, which
 receives a handle to each, keyed by pool.

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from deployments.config.files import read_yaml
 from deployments.config.models import (
     ConfigError,
     ModelSpec,
@@ -27,7 +27,8 @@ from deployments.config.tenants import (
 )
 from deployments.state.config import StateSpec
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "cluster" / "serve-default.yaml"
+# Package data, so a wheel install (the image) has it too.
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "serve-default.yaml"
 
 
 class NodeTypeSpec(BaseModel):
@@ -163,7 +164,10 @@ def load_config(path: str | Path | None = None, *, checkpoints: bool = True) -> 
     (like `tiered config render`) that run where the weights are not.
     """
     path = Path(path) if path else DEFAULT_CONFIG
-    return parse_config(yaml.safe_load(path.read_text()), str(path), checkpoints=checkpoints)
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with 'models' (and 'tenants', ...)")
+    return parse_config(data, str(path), checkpoints=checkpoints)
 
 
 def _field(loc: tuple[int | str, ...]) -> str:
