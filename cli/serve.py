@@ -29,14 +29,17 @@ def check_config(config_path: Path) -> TieredConfig | None:
     """The config, its keys from TIERED_API_KEYS / TIERED_ADMIN_KEYS / TIERED_API_KEYS_FILE
     checked the way the ingress will check them; None after a one-line error, so that a bad
     key file stops `tiered serve` here instead of as a replica traceback after Ray starts."""
+    from deployments.tenancy.key_source import key_warnings
     from deployments.tenancy.keys import load_key_rings
 
     try:
         config = load_config(config_path)
-        load_key_rings(config)
+        rings = load_key_rings(config)
     except ConfigError as exc:  # a missing file and bad YAML included (line, column)
         print(f"error: {exc}", file=sys.stderr)
         return None
+    for line in key_warnings(config, rings):
+        print(f"warning: {line}", file=sys.stderr)
     return config
 
 

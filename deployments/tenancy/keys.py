@@ -104,6 +104,11 @@ class KeyRing:
                 found = tenant
         return None if revoked else found
 
+    def owners(self) -> set[str]:
+        """The owners holding at least one key that is not revoked."""
+        revoked = set(self._revoked)
+        return {tenant for digest, tenant in self._entries if digest not in revoked}
+
 
 @dataclass(frozen=True)
 class KeyRings:
