@@ -43,6 +43,7 @@ from deployments.api.prompts import Prompt, ServedModel
 from deployments.api.protocol import OpenAIRequest, parse_request
 from deployments.api.responses import ResponseBuilder
 from deployments.api.responses_protocol import parse_responses_request
+from deployments.api.tokenizers import load_served_models
 from deployments.api.turns import RESPONSE_ID_PREFIX, Dispatched, TurnService
 from deployments.api.upkeep import Upkeep
 from deployments.config.plan import dedicated_pool_key
@@ -99,8 +100,9 @@ class Ingress:
         self.config = TieredConfig.model_validate(config)
         set_body_limit(app, self.config.ingress.max_body_bytes)
         self.key_source = KeySource(self.config)  # warns of tenants without a key
-        self.models = {m.name: ServedModel.load(m) for m in self.config.models}
         self.handles = handles  # pool key (deployments.config.plan) -> its deployment
+        # Tokenizers from the replicas (or a named artifact): never the checkpoint here.
+        self.models = await load_served_models(self.config, handles)
         context = serve.get_replica_context()
         self.owner = context.replica_id.unique_id
         self.admission = AdmissionClient(

@@ -147,13 +147,16 @@ class TieredConfig(BaseModel):
         return next((t for t in self.tenants if t.name == name), None)
 
     def validate_checkpoints(self) -> None:
-        """Every model's checkpoint (the ingress loads each one's tokenizer), its local
-        adapters, and the shapes of every deployment the plan makes."""
+        """Where the weights are on this machine (`tiered serve`): every model's
+        checkpoint, its local adapters, and the shapes of every deployment the plan makes.
+        A URI checkpoint is checked by each replica once fetched; so is everything here
+        when the app is deployed to a cluster, whose head has no weights."""
         for i, m in enumerate(self.models):
-            validate_against_checkpoint(m, m.shared_pool, f"models[{i}].shared_pool")
+            if "://" not in m.path:
+                validate_against_checkpoint(m, m.shared_pool, f"models[{i}].shared_pool")
             validate_adapters(m, f"models[{i}]")
         for plan in deployment_plan(self):
-            if plan.tier == "dedicated":
+            if plan.tier == "dedicated" and "://" not in plan.model.path:
                 validate_against_checkpoint(plan.model, plan.replica, plan.where)
 
 
