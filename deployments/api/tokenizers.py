@@ -13,7 +13,7 @@ import fsspec  # type: ignore[import-untyped]
 from ray.serve.handle import DeploymentHandle
 
 from deployments.api.prompts import ServedModel
-from deployments.config.models import ConfigError, ModelSpec
+from deployments.config.models import ModelSpec
 from deployments.config.plan import deployment_plan
 from deployments.config.tiered import TieredConfig
 from models.tokenizer import TOKENIZER_FILES
@@ -30,29 +30,32 @@ def read_artifact(uri: str) -> dict[str, bytes]:
     }
 
 
-def tokenizer_source(config: TieredConfig, spec: ModelSpec) -> str:
+def tokenizer_source(config: TieredConfig, spec: ModelSpec) -> str | None:
     """The pool key whose replicas hand `spec`'s tokenizer over: one that starts with
-    replicas (the shared pool first), else any (a call scales it up from zero)."""
+    replicas (the shared pool first), else any (a call scales it up from zero); None when
+    no deployment serves the model."""
     plans = [p for p in deployment_plan(config) if p.model.name == spec.name]
     if not plans:
-        raise ConfigError(
-            f"model {spec.name!r}: no deployment serves it and it names no `tokenizer` artifact"
-        )
+        return None
     return next((p.key for p in plans if p.floor > 0), plans[0].key)
 
 
 async def load_served_models(
     config: TieredConfig, handles: Mapping[str, DeploymentHandle]
 ) -> dict[str, ServedModel]:
-    """Every base model's ServedModel, fetched concurrently."""
+    """The ServedModel of every base model that can serve (one that names an artifact, or
+    has a deployment), fetched concurrently; a model with neither is left out (the
+    catalog answers 503 for it)."""
 
-    async def one(spec: ModelSpec) -> ServedModel:
+    async def one(spec: ModelSpec) -> ServedModel | None:
         if spec.tokenizer is not None:
             files = await asyncio.to_thread(read_artifact, spec.tokenizer)
         else:
-            handle = handles[tokenizer_source(config, spec)]
-            files = await handle.tokenizer_files.remote()
+            source = tokenizer_source(config, spec)
+            if source is None:
+                return None
+            files = await handles[source].tokenizer_files.remote()
         return ServedModel.from_files(spec, files)
 
     served = await asyncio.gather(*(one(m) for m in config.models))
-    return {s.name: s for s in served}
+    return {s.name: s for s in served if s is not None}
