@@ -128,3 +128,16 @@ def test_weights_reach_the_workers_through_their_volumes() -> None:
     assert spec["volumes"][1] == host
     assert spec["containers"][0]["volumeMounts"][1] == {"name": "models",
                                                         "mountPath": "/opt/models"}  # fmt: skip
+
+
+def test_notes_warn_of_tenants_without_a_key() -> None:
+    def notes(values: dict) -> str:
+        manifests = helm.Chart.load(CHART).render(values, name="demo", namespace="llm")
+        return manifests["tiered/templates/NOTES.txt"]
+
+    assert "tenant(s) without an API key, refused with 401: acme, globex" in notes({})
+    keyed = {"apiKeys": {"tenants": {"acme": ["sha256:" + "a" * 64]}}}
+    assert "refused with 401: globex\n" in notes(keyed)
+    both = {"apiKeys": {"tenants": {"acme": ["k1"], "globex": ["k2"]}}}
+    assert "without an API key" not in notes(both)
+    assert "without an API key" not in notes({"apiKeys": {"existingSecret": "mine"}})
