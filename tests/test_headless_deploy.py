@@ -145,10 +145,15 @@ def test_the_ingress_gets_tokenizers_from_replicas_or_an_artifact(
 def test_a_uri_model_serves_and_a_missing_checkpoint_shows_in_the_status(
     ray_cluster, tiny_model_dir: Path, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    """The app as `serve deploy` builds it: weights by URI reach the replicas, the ingress
-    answers with the tokenizer a replica sent. A checkpoint that is not there fails its
+    """The app as `serve deploy` builds it, with a model `path` that exists nowhere: the
+    URI names no directory, and the weights are only node-local, in the nodes' cache
+    where a fetch of that URI would have put them. The build step and the ingress would
+    fail on opening the path; the replicas load their node's copy, and the ingress
+    answers with the tokenizer a replica sent. A checkpoint that is nowhere fails its
     replicas, and the deployment's status says which field and why."""
-    uri = f"file://{tiny_model_dir}"
+    uri = f"file://{tmp_path}/bucket/Llama-tiny"  # no such directory
+    node_copy = cached_checkpoint_dir(uri)  # under the session's TIERED_CACHE_DIR
+    shutil.copytree(tiny_model_dir, node_copy)
     serve.run(build({"tiered": tiered(uri)}), name="headless", route_prefix="/headless")
     try:
         reply = httpx.post(
@@ -159,8 +164,10 @@ def test_a_uri_model_serves_and_a_missing_checkpoint_shows_in_the_status(
         )  # fmt: skip
         assert reply.status_code == 200, reply.text
         assert reply.json()["usage"]["completion_tokens"] == 4
+        assert not (tmp_path / "bucket").exists()
     finally:
         serve.delete("headless")
+        shutil.rmtree(node_copy.parent)
     try:
         with pytest.raises(RuntimeError, match="Deploying application weightless failed"):
             serve.run(build({"tiered": tiered(NOWHERE)}), name="weightless",
