@@ -40,6 +40,7 @@ from bench.analysis_spec import (
     Strict,
     SweepAnalysis,
 )
+from deployments.config.files import yaml_problem
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 
@@ -302,8 +303,8 @@ def load_scenario(spec: str | Path) -> Scenario:
     path = resolve(spec)
     try:
         data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ScenarioError(f"{path}: not valid YAML: {exc}") from exc
+    except yaml.YAMLError as exc:  # one line: the file, line and column, the problem
+        raise ScenarioError(yaml_problem(str(path), exc)) from None
     if not isinstance(data, dict):
         raise ScenarioError(f"{path}: expected a mapping at the top level")
     return parse_scenario(data, path)

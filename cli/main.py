@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -38,17 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
-    from bench import command as bench_command
+Register = Callable[[argparse._SubParsersAction], None]
+
+
+def _extra_commands() -> list[Register]:
     from cli import render, serve, status, usage
 
-    return [
-        serve.register,
-        status.register,
-        render.register,
-        bench_command.register,
-        usage.register,
-    ]
+    commands: list[Register] = [serve.register, status.register, render.register, usage.register]
+    # The load generator is optional: an install without bench/ has every other command.
+    if importlib.util.find_spec("bench") is not None:
+        from bench import command as bench_command
+
+        commands.append(bench_command.register)
+    return commands
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import yaml
 
+from deployments.config.models import ConfigError
+from deployments.config.tiered import TieredConfig, load_config
+
 
 def _render(args: argparse.Namespace) -> int:
-    from deployments.config.models import ConfigError
-    from deployments.config.tiered import load_config
     from deployments.render import render_serve_config
     from deployments.replicas.capacity import reservation_problems
 
@@ -20,13 +21,19 @@ def _render(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    env = dict(item.split("=", 1) for item in args.env)
+    try:
+        for line in _key_warnings(config, env):
+            print(f"warning: {line}", file=sys.stderr)
+    except ConfigError as exc:  # a key file here that the cluster would refuse
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     problems = reservation_problems(config)
     if problems:
         print("error: the node types cannot hold the reservations:", file=sys.stderr)
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
-    env = dict(item.split("=", 1) for item in args.env)
     runtime_env = {"env_vars": env} if env else None
     rendered = render_serve_config(config, runtime_env=runtime_env, port=args.port)
     text = yaml.safe_dump(rendered, sort_keys=False, width=100)
@@ -36,6 +43,20 @@ def _render(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _key_warnings(config: TieredConfig, env: dict[str, str]) -> list[str]:
+    """Tenants no key reaches, counting the YAML's hashes and the keys the rendered
+    runtime_env gives the cluster (--env), the key file included when it is here too."""
+    from deployments.tenancy.key_source import key_warnings
+    from deployments.tenancy.keys import ENV_KEYS_FILE, load_key_rings
+
+    lines = []
+    path = env.get(ENV_KEYS_FILE)
+    if path and not Path(path).is_file():
+        lines.append(f"{ENV_KEYS_FILE}={path} is not on this machine: its keys are not counted")
+        env = {k: v for k, v in env.items() if k != ENV_KEYS_FILE}
+    return lines + key_warnings(config, load_key_rings(config, env))
 
 
 def _env_pair(text: str) -> str:

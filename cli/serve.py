@@ -9,7 +9,6 @@ import sys
 import threading
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -17,7 +16,7 @@ from deployments.config.models import ConfigError
 from deployments.config.tiered import DEFAULT_CONFIG, TieredConfig, load_config
 from deployments.state.config import StateSpec, redact, resolve_state_spec
 
-# Plaintext of the demo keys whose hashes ship in cluster/serve-default.yaml.
+# Plaintext of the demo keys whose hashes ship in deployments/config/serve-default.yaml.
 DEMO_KEYS = {
     "acme (dedicated)": "tk-demo-acme-dedicated",
     "globex (shared)": "tk-demo-globex-shared",
@@ -30,18 +29,17 @@ def check_config(config_path: Path) -> TieredConfig | None:
     """The config, its keys from TIERED_API_KEYS / TIERED_ADMIN_KEYS / TIERED_API_KEYS_FILE
     checked the way the ingress will check them; None after a one-line error, so that a bad
     key file stops `tiered serve` here instead of as a replica traceback after Ray starts."""
+    from deployments.tenancy.key_source import key_warnings
     from deployments.tenancy.keys import load_key_rings
 
     try:
         config = load_config(config_path)
-        load_key_rings(config)
-    except ConfigError as exc:
+        rings = load_key_rings(config)
+    except ConfigError as exc:  # a missing file and bad YAML included (line, column)
         print(f"error: {exc}", file=sys.stderr)
         return None
-    except (OSError, yaml.YAMLError) as exc:
-        reason = " ".join(str(exc).split())  # YAML errors span lines
-        print(f"error: {config_path}: cannot read the config ({reason})", file=sys.stderr)
-        return None
+    for line in key_warnings(config, rings):
+        print(f"warning: {line}", file=sys.stderr)
     return config
 
 

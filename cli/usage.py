@@ -13,7 +13,6 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -70,8 +69,6 @@ def usage_command(args: argparse.Namespace) -> int:
         spec = _state_spec(config.state, args.state_url)
     except UsageQueryError as exc:
         return _error(f"--{exc.param.replace('_', '-')}: {exc.reason}")
-    except (OSError, yaml.YAMLError) as exc:
-        return _error(f"{args.config}: cannot read the config ({exc})")
     except ValueError as exc:  # ConfigError, a bad --state-url or $TIERED_STATE_URL
         return _error(str(exc))
     try:

@@ -1,6 +1,7 @@
 """The app builder: one Tiered YAML in, one Serve application out.
 
-`serve run deployments.app:build config=cluster/serve-default.yaml` or `tiered serve`.
+`serve run deployments.app:build config=my.yaml` or `tiered serve` (whose default is
+deployments/config/serve-default.yaml, shipped in the package).
 It deploys every model server of the plan (a shared pool per model, a private copy per
 dedicated tenant, pinned by its node-type resource when set) and the ingress, which
 receives a handle to each, keyed by pool.
@@ -20,9 +21,11 @@ from deployments.tenancy.admission import INGRESS_HEARTBEAT_S
 
 
 def build_from_config(config: TieredConfig) -> serve.Application:
+    names = [m.name for m in config.models]
     handles = {
         plan.key: model_server_app(
-            plan.model, plan.replica, plan.deployment, pool=plan.key, report=True
+            plan.model, plan.replica, plan.deployment, pool=plan.key, report=True,
+            where=plan.where, model_where=f"models[{names.index(plan.model.name)}]",
         )
         for plan in deployment_plan(config)
     }
@@ -41,7 +44,10 @@ def build_from_config(config: TieredConfig) -> serve.Application:
 def build(args: dict[str, Any]) -> serve.Application:
     """Serve's application-builder entry point. args: {"config": path to the Tiered YAML},
     or {"tiered": the Tiered config itself} (what `tiered config render` and the Helm
-    chart emit, so the YAML need not be on the cluster's nodes)."""
+    chart emit, so the YAML need not be on the cluster's nodes).
+
+    It runs where `serve deploy` runs it (a cluster's head), which has no weights: it
+    never opens a checkpoint. Each replica checks its checkpoint once on its node."""
     if "tiered" in args:
-        return build_from_config(parse_config(args["tiered"], "args.tiered"))
-    return build_from_config(load_config(args.get("config")))
+        return build_from_config(parse_config(args["tiered"], "args.tiered", checkpoints=False))
+    return build_from_config(load_config(args.get("config"), checkpoints=False))

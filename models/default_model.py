@@ -69,12 +69,17 @@ def _is_size(name: str) -> TypeGuard[Size]:
 
 
 def resolve_model_path(spec: str) -> Path:
-    """`default:tiny`, `default:small`, or a checkpoint directory."""
+    """`default:tiny`, `default:small`, a checkpoint directory on this node, or an fsspec
+    URI of one (s3://, gs://, file://), copied into this node's cache on first use."""
     if spec.startswith("default:"):
         size = spec.split(":", 1)[1]
         if not _is_size(size):
             raise ValueError(f"unknown default model {spec!r}; use default:tiny or default:small")
         return default_model_path(size)
+    if "://" in spec:
+        from models.checkpoint_fetch import fetch_checkpoint
+
+        return fetch_checkpoint(spec)
     path = Path(spec).expanduser()
     if not (path / "config.json").is_file():
         raise ValueError(f"model path {spec!r} has no config.json")

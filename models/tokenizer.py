@@ -21,9 +21,21 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from models.errors import InvalidRequestError, UnsupportedModelError
 
+# What a tokenizer is made of: small files, never the weights. The ingress receives
+# these (from a model server replica or a named artifact) instead of the checkpoint.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                   "config.json")
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+
+def tokenizer_files(root: str | Path) -> dict[str, bytes]:
+    """The TOKENIZER_FILES present in a checkpoint directory, by name."""
+    root = Path(root)
+    return {name: (root / name).read_bytes() for name in TOKENIZER_FILES
+            if (root / name).is_file()}
+
+
+def _json(files: Mapping[str, bytes], name: str) -> dict[str, Any]:
+    return json.loads(files[name]) if name in files else {}
 
 
 def _token_content(value: object) -> str | None:
@@ -105,13 +117,19 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
-        root = Path(path)
-        if not (root / "tokenizer.json").is_file():
-            raise UnsupportedModelError(f"no tokenizer.json in {root}")
-        tok = HFTokenizer.from_file(str(root / "tokenizer.json"))
-        config = _read_json(root / "tokenizer_config.json")
-        eos = _ids(_read_json(root / "generation_config.json").get("eos_token_id"))
-        eos |= _ids(_read_json(root / "config.json").get("eos_token_id"))
+        if not (Path(path) / "tokenizer.json").is_file():
+            raise UnsupportedModelError(f"no tokenizer.json in {path}")
+        return cls.from_files(tokenizer_files(path))
+
+    @classmethod
+    def from_files(cls, files: Mapping[str, bytes]) -> Tokenizer:
+        """From TOKENIZER_FILES' contents by name (tokenizer.json required)."""
+        if "tokenizer.json" not in files:
+            raise UnsupportedModelError("no tokenizer.json among the tokenizer files")
+        tok = HFTokenizer.from_str(files["tokenizer.json"].decode())
+        config = _json(files, "tokenizer_config.json")
+        eos = _ids(_json(files, "generation_config.json").get("eos_token_id"))
+        eos |= _ids(_json(files, "config.json").get("eos_token_id"))
         return cls(tok, config, eos)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -21,6 +21,7 @@ from deployments.state.config import StateSpec
 from deployments.state.store import StateStore
 from models.errors import EngineDeadError, LoRALoadError
 from models.lora import LoRARequest
+from models.tokenizer import tokenizer_files
 from tests.state_helpers import run
 
 T = TypeVar("T")
@@ -55,7 +56,7 @@ def config(tiny_model_dir: Path) -> TieredConfig:
 
 @pytest.fixture(scope="module")
 def models(config: TieredConfig) -> dict[str, ServedModel]:
-    return {m.name: ServedModel.load(m) for m in config.models}
+    return {m.name: ServedModel.from_files(m, tokenizer_files(m.path)) for m in config.models}
 
 
 def with_catalog(

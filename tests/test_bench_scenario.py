@@ -79,8 +79,9 @@ def test_no_load_anywhere_is_an_error() -> None:
 def test_file_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed")
-    with pytest.raises(ScenarioError, match="not valid YAML"):
+    with pytest.raises(ScenarioError, match=r"bad\.yaml:1:16: not valid YAML/JSON \(") as err:
         load_scenario(bad)
+    assert "\n" not in str(err.value)
     bad.write_text("- a list")
     with pytest.raises(ScenarioError, match="mapping at the top level"):
         load_scenario(bad)

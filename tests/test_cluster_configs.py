@@ -15,13 +15,13 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.serve.schema import ServeDeploySchema
 
 from cli.main import main
-from deployments.config.tiered import load_config
+from deployments.config.tiered import DEFAULT_CONFIG, load_config
 from deployments.render import render_serve_config
 from deployments.replicas.capacity import reservation_problems
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
 RAY_UP = ["aws-gpu.yaml", "gcp-gpu.yaml", "local.yaml"]
-TIERED = ["serve-default.yaml", "serve-gpu.yaml"]
+TIERED = [DEFAULT_CONFIG, CLUSTER / "serve-gpu.yaml"]
 
 
 def _node_types(cluster_yaml: str) -> dict:
@@ -43,9 +43,9 @@ def test_cluster_yaml_passes_rays_schema(name: str) -> None:
     validate_config(prepare_config(copy.deepcopy(config)))
 
 
-@pytest.mark.parametrize("name", TIERED)
-def test_rendered_serve_config_passes_serve_schema(name: str) -> None:
-    rendered = render_serve_config(load_config(CLUSTER / name, checkpoints=False))
+@pytest.mark.parametrize("path", TIERED, ids=lambda p: p.name)
+def test_rendered_serve_config_passes_serve_schema(path: Path) -> None:
+    rendered = render_serve_config(load_config(path, checkpoints=False))
     schema = ServeDeploySchema(**rendered)
     app = schema.applications[0]
     assert app.import_path == "deployments.app:build" and app.route_prefix == "/"

@@ -209,7 +209,7 @@ def test_a_tenant_named_admin_never_gets_admin_keys(tmp_path: Path) -> None:
         ),
         ({"tenants": ["tk-a"]}, {}, "expected a mapping of tenant name to keys"),
         ({"tenants": {"acme": [1]}}, {}, r"tenants\.acme\[0\]: expected a key string"),
-        ("acme: [unclosed", {}, "not valid YAML/JSON at line 1"),
+        ("acme: [unclosed", {}, r"keys\.yaml:1:16: not valid YAML/JSON"),
         (
             {"tenants": {"globex": [hash_key(ACME_KEY)]}},
             {},

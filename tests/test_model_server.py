@@ -244,7 +244,7 @@ def test_bad_configuration_refused_before_scheduling(ray_cluster, tiny_model_dir
     from deployments.replicas.model_server import cluster_nodes
 
     groups = len(placement_group_table())
-    spec = ModelSpec(name="tiny", path=str(tiny_model_dir))
+    spec = ModelSpec(name="tiny", path="default:tiny")  # its shape is known without a file
     with pytest.raises(ConfigError, match=r"^bad\.tp_size: 3 does not divide num_attention_heads"):
         model_server_deployment(spec, ReplicaSpec(tp_size=3), "bad")
     with pytest.raises(ConfigError, match=r"^bad\.placement_strategy: .*STRICT_SPREAD needs 4"):

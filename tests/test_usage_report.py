@@ -390,8 +390,8 @@ def test_cli_errors_one_line_no_secret(
 
 
 @pytest.mark.parametrize(("content", "expect"), [
-    (None, "cannot read the config"),  # no such file
-    ("models: [\n  - {name: : :", "cannot read the config"),  # not YAML
+    (None, "bad.yaml: no such file"),
+    ("models: [\n  - {name: : :", "bad.yaml:2:3: not valid YAML/JSON"),  # line:column
     ("models: []\n", "models: List should have at least 1 item"),  # ConfigError
 ])
 def test_cli_bad_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -41,10 +41,14 @@ def model_not_found(name: str) -> OpenAIError:
 def check_allowed(tenant: TenantSpec, model: ServedModel) -> None:
     """A base model outside the tenant's list is a 403 (adapters were checked, as 404s,
     when resolved)."""
-    if not tenant.may_use(model.base):
+    _check_base_allowed(tenant, model.base, model.name)
+
+
+def _check_base_allowed(tenant: TenantSpec, base: str, name: str) -> None:
+    if not tenant.may_use(base):
         raise OpenAIError(
             403,
-            f"tenant '{tenant.name}' may not use model '{model.name}'",
+            f"tenant '{tenant.name}' may not use model '{name}'",
             param="model",
             code="model_not_allowed",
         )
@@ -92,6 +96,14 @@ class ModelCatalog:
         model = self.models.get(name)
         if model is not None:
             return model
+        if self.config.model(name) is not None:  # configured, but no deployment serves it
+            _check_base_allowed(tenant, name, name)
+            raise OpenAIError(
+                503,
+                f"The model '{name}' has no deployment to serve it",
+                param="model",
+                code="model_not_deployed",
+            )
         try:
             await self.prepare()
             adapter = await self.registry.get(name)

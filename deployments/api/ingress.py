@@ -43,6 +43,7 @@ from deployments.api.prompts import Prompt, ServedModel
 from deployments.api.protocol import OpenAIRequest, parse_request
 from deployments.api.responses import ResponseBuilder
 from deployments.api.responses_protocol import parse_responses_request
+from deployments.api.tokenizers import load_served_models
 from deployments.api.turns import RESPONSE_ID_PREFIX, Dispatched, TurnService
 from deployments.api.upkeep import Upkeep
 from deployments.config.plan import dedicated_pool_key
@@ -57,7 +58,8 @@ from deployments.state.ledger import Ledger
 from deployments.state.responses import ResponseStore
 from deployments.state.store import StateStore
 from deployments.tenancy.client import AdmissionClient, AdmissionUnavailable
-from deployments.tenancy.keys import load_key_rings
+from deployments.tenancy.key_source import KeySource
+from deployments.tenancy.keys import KeyRings
 from deployments.tenancy.policy import admission_config
 from deployments.tenancy.types import Admission, AdmissionRequest, UsageRecord
 
@@ -97,9 +99,10 @@ class Ingress:
     ) -> None:
         self.config = TieredConfig.model_validate(config)
         set_body_limit(app, self.config.ingress.max_body_bytes)
-        self.keys = load_key_rings(self.config)
-        self.models = {m.name: ServedModel.load(m) for m in self.config.models}
+        self.key_source = KeySource(self.config)  # warns of tenants without a key
         self.handles = handles  # pool key (deployments.config.plan) -> its deployment
+        # Tokenizers from the replicas (or a named artifact): never the checkpoint here.
+        self.models = await load_served_models(self.config, handles)
         context = serve.get_replica_context()
         self.owner = context.replica_id.unique_id
         self.admission = AdmissionClient(
@@ -120,6 +123,11 @@ class Ingress:
         self.turns = TurnService(self.config, self.responses, self.conversations, self.upkeep)
         self.catalog = ModelCatalog(self.config, self.models, self.store)
         self.adapters = AdapterAdmin(self.catalog, handles, self.config.ingress.request_timeout_s)
+
+    @property
+    def keys(self) -> KeyRings:
+        """The API keys, re-read when the mounted key file changes."""
+        return self.key_source.current()
 
     async def __del__(self) -> None:
         """Serve calls this when the replica stops (scale-down, redeploy, shutdown):

@@ -8,14 +8,14 @@ vocabulary range of raw token ids is the engine's check.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from deployments.api.errors import OpenAIError
 from deployments.api.protocol import ChatCompletionRequest, OpenAIRequest
 from deployments.config.models import ModelSpec
-from models.default_model import resolve_model_path
-from models.errors import InvalidRequestError
+from models.errors import InvalidRequestError, UnsupportedModelError
 from models.lora import LoRARequest
 from models.sampling_params import SamplingParams
 from models.tokenizer import Tokenizer
@@ -48,11 +48,15 @@ class ServedModel:
         return replace(self, name=lora.name, parent=self.name, lora=lora)
 
     @classmethod
-    def load(cls, spec: ModelSpec) -> ServedModel:
-        path = resolve_model_path(spec.path)
-        max_pos = json.loads((path / "config.json").read_text())["max_position_embeddings"]
+    def from_files(cls, spec: ModelSpec, files: Mapping[str, bytes]) -> ServedModel:
+        """From the checkpoint's tokenizer files (models.tokenizer.TOKENIZER_FILES), which
+        the ingress gets from a replica or the model's `tokenizer` artifact."""
+        if "config.json" not in files:
+            raise UnsupportedModelError(f"model {spec.name!r}: no config.json among its "
+                                        "tokenizer files")  # fmt: skip
+        max_pos = json.loads(files["config.json"])["max_position_embeddings"]
         context = min(spec.engine.max_model_len or max_pos, max_pos)
-        return cls(spec.name, Tokenizer.from_pretrained(path), context)
+        return cls(spec.name, Tokenizer.from_files(files), context)
 
     def prompt(self, req: OpenAIRequest, default_max_tokens: int) -> Prompt:
         chat = isinstance(req, ChatCompletionRequest)

@@ -162,7 +162,19 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: ModelId
-    path: str = "default:tiny"
+    path: str = Field(
+        "default:tiny",
+        min_length=1,
+        description="default:tiny|small, a checkpoint directory on the replicas' nodes, or "
+        "an fsspec URI of one (s3://, gs://), which each node copies into its cache.",
+    )
+    tokenizer: str | None = Field(
+        None,
+        min_length=1,
+        description="A directory or fsspec URI holding only the tokenizer files "
+        "(tokenizer.json, tokenizer_config.json, config.json) for the ingress; "
+        "default: the ingress asks the model's replicas for them.",
+    )
     engine: EngineSpec = EngineSpec()
     shared_pool: ReplicaSpec = ReplicaSpec()
     adapters: list[AdapterSpec] = []
@@ -236,19 +248,45 @@ def _target(
 def validate_against_checkpoint(
     spec: ModelSpec, replica: ReplicaSpec | None = None, where: str | None = None
 ) -> None:
-    """Static checks: TP must split the heads and the MLP evenly, and each rank's bundle
-    must hold the device it runs on. `where` prefixes the field in the message."""
+    """Static checks against the checkpoint's config.json (read here: on the replica's
+    node, where the weights are): TP must split the heads and the MLP evenly, and each
+    rank's bundle must hold the device it runs on. `where` prefixes the field."""
     replica, where = _target(spec, replica, where)
-    if spec.path.startswith("default:") and spec.path.split(":", 1)[1] not in SHAPES:
-        raise ConfigError(f"{where}.path: unknown default model {spec.path!r}")
+    _check_default_name(spec, where)
     shape = checkpoint_shape(spec.path)
     if shape is None:
         raise ConfigError(f"{where}.path: no config.json at {spec.path!r}")
+    _check_shape(shape, replica, where)
+    _check_devices(spec, replica, where)
+
+
+def validate_without_checkpoint(
+    spec: ModelSpec, replica: ReplicaSpec | None = None, where: str | None = None
+) -> None:
+    """What the app builder checks where the weights are not (a cluster's head): the
+    devices, and the shape of an embedded default model, which needs no file. The rest
+    is validate_against_checkpoint's, in each replica."""
+    replica, where = _target(spec, replica, where)
+    _check_default_name(spec, where)
+    if spec.path.startswith("default:"):
+        _check_shape(SHAPES[spec.path.split(":", 1)[1]], replica, where)
+    _check_devices(spec, replica, where)
+
+
+def _check_default_name(spec: ModelSpec, where: str) -> None:
+    if spec.path.startswith("default:") and spec.path.split(":", 1)[1] not in SHAPES:
+        raise ConfigError(f"{where}.path: unknown default model {spec.path!r}")
+
+
+def _check_shape(shape: dict[str, int], replica: ReplicaSpec, where: str) -> None:
     for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
         if shape[key] % replica.tp_size:
             raise ConfigError(
                 f"{where}.tp_size: {replica.tp_size} does not divide {key}={shape[key]}"
             )
+
+
+def _check_devices(spec: ModelSpec, replica: ReplicaSpec, where: str) -> None:
     gpus = rank_resources(spec, replica).get("GPU", 0.0)
     if spec.engine.device == "cuda" and gpus < 1:
         raise ConfigError(

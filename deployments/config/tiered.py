@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from deployments.config.files import read_yaml
 from deployments.config.models import (
     ConfigError,
     ModelSpec,
@@ -27,7 +27,8 @@ from deployments.config.tenants import (
 )
 from deployments.state.config import StateSpec
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "cluster" / "serve-default.yaml"
+# Package data, so a wheel install (the image) has it too.
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "serve-default.yaml"
 
 
 class NodeTypeSpec(BaseModel):
@@ -146,13 +147,16 @@ class TieredConfig(BaseModel):
         return next((t for t in self.tenants if t.name == name), None)
 
     def validate_checkpoints(self) -> None:
-        """Every model's checkpoint (the ingress loads each one's tokenizer), its local
-        adapters, and the shapes of every deployment the plan makes."""
+        """Where the weights are on this machine (`tiered serve`): every model's
+        checkpoint, its local adapters, and the shapes of every deployment the plan makes.
+        A URI checkpoint is checked by each replica once fetched; so is everything here
+        when the app is deployed to a cluster, whose head has no weights."""
         for i, m in enumerate(self.models):
-            validate_against_checkpoint(m, m.shared_pool, f"models[{i}].shared_pool")
+            if "://" not in m.path:
+                validate_against_checkpoint(m, m.shared_pool, f"models[{i}].shared_pool")
             validate_adapters(m, f"models[{i}]")
         for plan in deployment_plan(self):
-            if plan.tier == "dedicated":
+            if plan.tier == "dedicated" and "://" not in plan.model.path:
                 validate_against_checkpoint(plan.model, plan.replica, plan.where)
 
 
@@ -163,7 +167,10 @@ def load_config(path: str | Path | None = None, *, checkpoints: bool = True) -> 
     (like `tiered config render`) that run where the weights are not.
     """
     path = Path(path) if path else DEFAULT_CONFIG
-    return parse_config(yaml.safe_load(path.read_text()), str(path), checkpoints=checkpoints)
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with 'models' (and 'tenants', ...)")
+    return parse_config(data, str(path), checkpoints=checkpoints)
 
 
 def _field(loc: tuple[int | str, ...]) -> str:

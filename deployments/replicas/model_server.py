@@ -29,10 +29,13 @@ from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from deployments.config.models import (
+    ConfigError,
     ModelSpec,
     ReplicaSpec,
+    validate_adapters,
     validate_against_checkpoint,
     validate_against_cluster,
+    validate_without_checkpoint,
 )
 from deployments.config.plan import ADMISSION_NAMESPACE, admission_actor_name
 from deployments.config.resources import replica_bundles
@@ -46,6 +49,7 @@ from models.default_model import resolve_model_path
 from models.errors import EngineDeadError
 from models.lora import LoRARequest
 from models.outputs import EngineStats
+from models.tokenizer import tokenizer_files
 from models.tp import ParallelContext, init_parallel
 
 log = logging.getLogger(__name__)
@@ -59,7 +63,12 @@ class ModelServer:
     """A Serve replica wrapping AsyncLLMEngine over a TP group."""
 
     async def __init__(  # type: ignore[misc]  # Serve awaits an async __init__
-        self, model: dict, replica: dict, pool: str = "shared", report: bool = False
+        self,
+        model: dict,
+        replica: dict,
+        pool: str = "shared",
+        report: bool = False,
+        fields: tuple[str, str] = ("replica", "model"),
     ) -> None:
         started = time.monotonic()
         # Report seats to the app's admission actor (not when deployed alone in tests).
@@ -71,10 +80,11 @@ class ModelServer:
         self.pool = pool
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.replica_actor = serve.get_replica_context().replica_id.to_full_id_str()
-        model_dir = str(resolve_model_path(self.spec.path))
+        model_dir = local_checkpoint(self.spec, self.replica, *fields)
+        self.model_dir = model_dir
         self.workers: list[Any] = []
         self._runs: list[ray.ObjectRef] = []
-        parallel = await self._start_ranks(model_dir)
+        parallel = await self._start_ranks()
         config0 = self.spec.engine_config(self.replica, 0, model_dir)
         self.engine = await self._unless_a_rank_fails(
             asyncio.to_thread(AsyncLLMEngine, config0, parallel, self.replica.stall_timeout_s),
@@ -89,7 +99,12 @@ class ModelServer:
             self.cold_start_s,
         )
 
-    async def _start_ranks(self, model_dir: str) -> ParallelContext | None:
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """The checkpoint's tokenizer files (never its weights), for the ingress, which
+        runs where the weights are not."""
+        return tokenizer_files(self.model_dir)
+
+    async def _start_ranks(self) -> ParallelContext | None:
         """Start ranks 1..N-1 in this replica's bundles 1..N-1, then join their group."""
         tp = self.replica.tp_size
         if tp == 1:
@@ -107,7 +122,8 @@ class ModelServer:
                 namespace=WORKER_NAMESPACE,
                 **worker_actor_options(bundles[rank]),
             ).remote(rank)
-            config = self.spec.engine_config(self.replica, rank, model_dir)
+            # Each rank resolves the checkpoint on its own node (cross-node TP).
+            config = self.spec.engine_config(self.replica, rank, self.spec.path)
             self._runs.append(worker.run.remote(config, tp, address))
             self.workers.append(worker)
         device = self.spec.engine.device
@@ -260,6 +276,21 @@ class ModelServer:
             ray.kill(worker, no_restart=True)
 
 
+def local_checkpoint(spec: ModelSpec, replica: ReplicaSpec, where: str, model_where: str) -> str:
+    """This node's copy of the checkpoint (a URI is fetched into the node's cache),
+    checked against the replica's shape, and the model's local adapters; a ConfigError
+    naming the field otherwise, which fails the replica and shows in the deployment's
+    status."""
+    node = ray.util.get_node_ip_address()
+    try:
+        model_dir = resolve_model_path(spec.path)
+    except ValueError as exc:  # no such directory or URI, no config.json
+        raise ConfigError(f"{where}.path: no checkpoint on node {node}: {exc}") from None
+    validate_against_checkpoint(spec.model_copy(update={"path": str(model_dir)}), replica, where)
+    validate_adapters(spec, model_where)
+    return str(model_dir)
+
+
 def cluster_nodes() -> list[dict[str, float]]:
     """Total resources of each live node, for `validate_against_cluster` (needs Ray up)."""
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
@@ -272,16 +303,21 @@ def model_server_deployment(
     pool: str = "shared",
     report: bool = False,
     nodes: list[dict[str, float]] | None = None,
+    where: str | None = None,
+    model_where: str = "model",
 ) -> serve.Application:
     """A bound Serve deployment of TP replicas of `spec`, one placement group each.
 
-    Validates first, so bad configuration fails here and nothing is scheduled: against
-    the checkpoint always, and against `nodes` (e.g. `cluster_nodes()`) when given. Leave
-    `nodes` out where an autoscaler will add the nodes a replica needs.
+    Validates first what needs no checkpoint (this may run on a head without weights),
+    so bad configuration fails here and nothing is scheduled; against `nodes` (e.g.
+    `cluster_nodes()`) when given. Leave `nodes` out where an autoscaler will add the
+    nodes a replica needs. Each replica checks the checkpoint on its own node, naming
+    `where` (the replica's config field, default `name`) and `model_where` (its model's).
     """
-    validate_against_checkpoint(spec, replica, name)
+    where = where or name
+    validate_without_checkpoint(spec, replica, where)
     if nodes is not None:
-        validate_against_cluster(spec, nodes, replica, name)
+        validate_against_cluster(spec, nodes, replica, where)
     bundles = replica_bundles(spec, replica)
     scaling: dict = (
         {"autoscaling_config": replica.autoscaling.serve_config(pool)}
@@ -306,7 +342,9 @@ def model_server_deployment(
         graceful_shutdown_timeout_s=replica.drain_timeout_s,
         graceful_shutdown_wait_loop_s=0.5,
     )
-    return deployment.bind(spec.model_dump(), replica.model_dump(), pool, report)
+    return deployment.bind(
+        spec.model_dump(), replica.model_dump(), pool, report, (where, model_where)
+    )
 
 
 model_server_app = model_server_deployment  # the name the app builder and benches use

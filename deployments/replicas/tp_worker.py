@@ -32,9 +32,12 @@ class TPWorker:
 
     def run(self, config: EngineConfig, world_size: int, init_method: str) -> int:
         """Join the group and serve steps; returns the rank when rank 0 shuts down."""
+        from models.default_model import resolve_model_path
         from models.runner import run_worker
         from models.tp import init_parallel
 
+        # `config.model` as written in the Tiered config: this node's copy of it.
+        config = config.model_copy(update={"model": str(resolve_model_path(config.model))})
         parallel = init_parallel(self.rank, world_size, init_method, config.device)
         run_worker(config, parallel)
         return self.rank

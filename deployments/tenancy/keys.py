@@ -34,8 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
-
+from deployments.config.files import read_yaml
 from deployments.config.models import ConfigError
 from deployments.config.tenants import (
     HASH_PREFIX,
@@ -104,6 +103,11 @@ class KeyRing:
             if hmac.compare_digest(digest, presented):
                 found = tenant
         return None if revoked else found
+
+    def owners(self) -> set[str]:
+        """The owners holding at least one key that is not revoked."""
+        revoked = set(self._revoked)
+        return {tenant for digest, tenant in self._entries if digest not in revoked}
 
 
 @dataclass(frozen=True)
@@ -200,17 +204,7 @@ def parse_env_admin_keys(raw: str) -> list[ExternalKey]:
 def load_key_file(path: str | Path) -> list[ExternalKey]:
     """The mounted secret: YAML or JSON {tenants: {name: [key, ...]}, admin: [key, ...]}."""
     source = f"{ENV_KEYS_FILE}={path}"
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{source}: no such file") from None
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot read it ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "syntax error"
-        raise ConfigError(f"{source}: not valid YAML/JSON{at} ({problem})") from None
+    data = read_yaml(path, source)
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with 'tenants' and/or 'admin'")

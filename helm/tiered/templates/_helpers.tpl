@@ -1,5 +1,27 @@
+{{/* fullnameOverride, else the release name when it holds the chart's ("tiered", not
+     "tiered-tiered"), else <release>-tiered. At most 40 characters: KubeRay derives
+     longer names (<name>-<hash>-head-svc, ...) from it. */}}
 {{- define "tiered.fullname" -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride }}
+{{- else if contains .Chart.Name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end -}}
+
+{{/* KubeRay's Serve Service: it selects the pods of the RayCluster that serves, so an
+     upgrade (a new RayCluster) moves the traffic at once, never to both clusters. */}}
+{{- define "tiered.serveService" -}}
+{{- printf "%s-serve-svc" (include "tiered.fullname" .) -}}
+{{- end -}}
+
+{{- define "tiered.monitoringLabels" -}}
+{{ include "tiered.labels" . }}
+{{- with .Values.monitoring.labels }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
 
 {{- define "tiered.labels" -}}
@@ -23,7 +45,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "tiered.nodeTypes" -}}
 {{- $out := dict }}
 {{- range .Values.workerGroups }}
-{{- $_ := set $out .name (dict "resources" .resources "min_workers" (.minWorkers | default 0) "max_workers" .maxWorkers) }}
+{{- $_ := set $out .name (dict "resources" (include "tiered.rayResources" . | fromYaml) "min_workers" (.minWorkers | default 0) "max_workers" .maxWorkers) }}
 {{- end }}
 {{- toYaml $out }}
 {{- end -}}
@@ -49,11 +71,25 @@ applications:
         TIERED_API_KEYS_FILE: /etc/tiered/keys/keys.yaml
 {{- end -}}
 
-{{/* The pod parts every Ray container shares: image, keys, state store URL. The URL
-     comes from the Secret alone (secretKeyRef), never a value in a manifest, and goes to
-     head and workers alike: the ingress replicas and the admission actor may run on any
-     Ray pod. */}}
+{{/* What Ray is told a worker group's node has (CPU, GPU and custom resources), as
+     numbers: the group's resources with GPU 0 left out. */}}
+{{- define "tiered.rayResources" -}}
+{{- $out := dict }}
+{{- range $name, $amount := .resources }}
+{{- if not (and (eq $name "GPU") (not $amount)) }}
+{{- $_ := set $out $name $amount }}
+{{- end }}
+{{- end }}
+{{- toYaml $out }}
+{{- end -}}
+
+{{/* The pod parts every Ray container shares: image, keys, state store URL, and the
+     pod's own volume mounts (`mounts`). The URL comes from the Secret alone
+     (secretKeyRef), never a value in a manifest, and goes to head and workers alike: the
+     ingress replicas and the admission actor may run on any Ray pod. */}}
 {{- define "tiered.container" -}}
+{{- $mounts := .mounts | default list }}
+{{- with .root -}}
 image: "{{ .Values.image.repository }}:{{ .Values.image.tag }}"
 imagePullPolicy: {{ .Values.image.pullPolicy }}
 env:
@@ -72,4 +108,8 @@ volumeMounts:
   - name: api-keys
     mountPath: /etc/tiered/keys
     readOnly: true
+{{- with $mounts }}
+{{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
 {{- end -}}
