@@ -1,23 +1,18 @@
-"""The chart as KubeRay and kube-prometheus-stack expect it: the RayService validates
-against KubeRay's own CRD schema (v1.7.0, vendored in tests/data/kuberay), Ray's view of a
+"""The chart as KubeRay and kube-prometheus-stack expect it: Ray's view of a
 node is KubeRay's workerGroupSpecs[].resources apart from what the pod requests, traffic
 goes through KubeRay's Serve Service, and the monitors carry the labels Prometheus
 selects on."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import helm_python as helm
 import pytest
 import yaml
-from jsonschema import Draft7Validator
 
 CHART = Path(__file__).resolve().parent.parent / "helm" / "tiered"
 GPU_VALUES = yaml.safe_load((CHART / "values-gpu.yaml").read_text())
-CRD = json.loads((Path(__file__).parent / "data" / "kuberay" / "rayservice-v1.schema.json")
-                 .read_text())  # fmt: skip
 
 
 def render(values: dict | None = None, name: str = "demo") -> list[dict]:
@@ -29,21 +24,6 @@ def render(values: dict | None = None, name: str = "demo") -> list[dict]:
 def rayservice(docs: list[dict]) -> dict:
     (found,) = [d for d in docs if d["kind"] == "RayService"]
     return found
-
-
-@pytest.mark.parametrize("values", [None, GPU_VALUES], ids=["default", "gpu"])
-def test_the_rayservice_validates_against_kuberays_crd(values: dict | None) -> None:
-    service = rayservice(render(values))
-    errors = sorted(Draft7Validator(CRD).iter_errors(service), key=str)
-    assert errors == [], [f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors]
-
-
-def test_the_crd_check_catches_what_kuberay_refuses() -> None:
-    """The vendored schema is as strict as KubeRay's API server: a number where KubeRay
-    takes a quantity string (workerGroupSpecs[].resources) is refused."""
-    service = rayservice(render(GPU_VALUES))
-    service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["resources"]["GPU"] = 4
-    assert not Draft7Validator(CRD).is_valid(service)
 
 
 def test_ray_is_told_the_whole_node_and_the_pod_asks_for_less() -> None:
