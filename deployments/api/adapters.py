@@ -99,7 +99,7 @@ class AdapterAdmin:
 
     async def load(self, body: Any) -> dict[str, Any]:
         req = _parse(LoadAdapterBody, body)
-        if req.lora_name in self.catalog.models:
+        if self.catalog.config.model(req.lora_name) is not None:
             raise OpenAIError(
                 400, f"'{req.lora_name}' is the name of a base model", param="lora_name"
             )
@@ -134,17 +134,17 @@ class AdapterAdmin:
 
     # ---- steps ---------------------------------------------------------------------------
     def _base(self, named: str | None) -> str:
-        bases = list(self.catalog.models)
+        bases = [m.name for m in self.catalog.config.models]  # served or not, as configured
         if named is None:
             if len(bases) > 1:
                 raise OpenAIError(
                     400,
-                    f"several base models are served ({', '.join(bases)}): name one in "
+                    f"several base models are configured ({', '.join(bases)}): name one in "
                     "'base_model'",
                     param="base_model",
                 )
             named = bases[0]
-        if named not in self.catalog.models:
+        if named not in bases:
             raise OpenAIError(
                 400,
                 f"base_model '{named[:256]}' is not served here",
