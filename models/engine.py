@@ -262,9 +262,13 @@ class LLMEngine:
         batch = StepBatch([], [], [], [], [], [], [])
         sampled: list[Sequence] = []
         tables = []
-        if any(chunk.seq.lora_key is not None for chunk in sched.chunks):
-            batch.lora_slots = [self._slot(chunk.seq) for chunk in sched.chunks]
-        for chunk in sched.chunks:
+        chunks = sched.chunks
+        if any(chunk.seq.lora_key is not None for chunk in chunks):
+            # Each adapter's tokens side by side: long runs take the LoRA kernels' segment
+            # path, which adds into the output in place (models/lora_slots.py).
+            chunks = sorted(chunks, key=lambda chunk: self._slot(chunk.seq))
+            batch.lora_slots = [self._slot(chunk.seq) for chunk in chunks]
+        for chunk in chunks:
             seq, start, n = chunk.seq, chunk.start, chunk.num_new_tokens
             table = self.kv.block_table(seq)
             tokens = seq.all_token_ids[start : start + n]

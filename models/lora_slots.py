@@ -9,7 +9,9 @@ slots, from the lowest the batch uses to the highest; M tokens of the busiest) a
 `torch.bmm`s over it, the weights a view of the stacks: S-LoRA's
 segmented shape, reading each resident adapter once per step rather than once per token,
 in a fixed handful of kernels whatever the mix, and never merging weights. Rows on the base
-model are left out, and a batch with none on an adapter skips all of this.
+model are left out, and a batch with none on an adapter skips all of this. Prefill-sized
+steps, whose tokens the engine sorts by slot, take long contiguous runs per adapter: those
+loop over the runs and add into the output in place (SEGMENT_MIN_TOKENS).
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "gate_up": ("gate_proj", "up_proj"),
     "down": ("down_proj",),
 }
+
+
+# A step whose adapter tokens lie in runs of at least this many per adapter (prefill,
+# with the engine's batch sorted by slot) loops over the runs: two matmuls each, added in
+# place, instead of materialising a padded copy and a delta the size of the output.
+SEGMENT_MIN_TOKENS = 64
 
 
 @dataclass
@@ -107,8 +115,10 @@ class LoRAStep:
         keep: torch.Tensor | None,
         scatter: torch.Tensor | None,
         groups: frozenset[str],
+        segments: list[tuple[int, int, int]] | None = None,
     ) -> None:
         self.slots = slots
+        self.segments = segments  # (slot, start, end) runs of adapter tokens, when long
         self.low, self.high = low, high  # the span of slots the batch reads
         self.gather = gather  # the token behind each padded place; None: every token, in order
         self.keep = keep  # the padded places that are real rows; None: no padding
@@ -136,6 +146,11 @@ class LoRAStep:
                 by_slot[slot].extend(range(token, token + n))
             token += n
         order = [t for s in used for t in by_slot[s]]  # adapter tokens, slot by slot
+        runs = [(s, by_slot[s][0], by_slot[s][-1] + 1) for s in used]
+        if all(end - start == len(by_slot[s]) for s, start, end in runs) and len(
+            order
+        ) >= SEGMENT_MIN_TOKENS * len(used):
+            return cls(slots, used[0], used[-1], None, None, None, groups, segments=runs)
 
         def ints(values: list[int]) -> torch.Tensor | None:
             if values == list(range(token)):
@@ -165,6 +180,11 @@ class LoRAStep:
         if group not in self.groups:
             return
         stack = self.slots.layers[layer][group]
+        if self.segments is not None:  # long runs (prefill): add into `out` in place
+            for slot, start, end in self.segments:
+                shrunk = x[start:end] @ stack.a[slot]
+                out[start:end].addmm_(shrunk, stack.b[slot])
+            return
         xs = x if self.gather is None else x.index_select(0, self.gather)
         if self.low == self.high:  # one adapter in the batch: plain matmuls
             shrunk = xs @ stack.a[self.low]

@@ -63,6 +63,7 @@ def _expected(adapter: AdapterWeights | None, layer: int, group: str, x: torch.T
         ([3, 3], [2, 4]),  # one adapter on every row
         ([-1, 1, -1], [2, 3, 1]),  # one adapter on a subset of the rows
         ([0, 1, 2, 3, 0, 1, 2, 3], [1] * 8),  # the balanced decode mix: no padding
+        ([0, 0, 2, -1], [40, 30, 80, 10]),  # long runs per slot (prefill): the segment path
     ],
 )
 def test_grouped_kernel_equals_the_per_token_formula(
@@ -79,6 +80,7 @@ def test_grouped_kernel_equals_the_per_token_formula(
         slots.fill(slot, weights)
     step = LoRAStep.build(slots, seq_slots, query_lens, torch.device("cpu"))
     assert step is not None
+    assert (step.segments is not None) == (sum(query_lens) > 100)  # the path each case takes
     token_slots = [s for s, n in zip(seq_slots, query_lens, strict=True) for _ in range(n)]
     for layer in range(CONFIG.num_hidden_layers):
         for group, targets in GROUPS.items():
