@@ -110,9 +110,11 @@ class ModelServer:
             config = self.spec.engine_config(self.replica, rank, model_dir)
             self._runs.append(worker.run.remote(config, tp, address))
             self.workers.append(worker)
-        device = self.spec.engine.device
+        engine = self.spec.engine
         return await self._unless_a_rank_fails(
-            asyncio.to_thread(init_parallel, 0, tp, address, device),
+            asyncio.to_thread(
+                init_parallel, 0, tp, address, engine.device, engine.collective_timeout_s
+            ),
             "joining the process group",
         )
 

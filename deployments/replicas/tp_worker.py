@@ -35,7 +35,9 @@ class TPWorker:
         from models.runner import run_worker
         from models.tp import init_parallel
 
-        parallel = init_parallel(self.rank, world_size, init_method, config.device)
+        parallel = init_parallel(
+            self.rank, world_size, init_method, config.device, config.collective_timeout_s
+        )
         run_worker(config, parallel)
         return self.rank
 
