@@ -217,9 +217,11 @@ class ModelServer:
         }
 
     def record_routing_stats(self) -> dict[str, float]:
-        """Load, plus one key per adapter held, so the router can prefer a holder."""
+        """Load, plus one key per adapter held, so the router can prefer a holder (and the
+        KV blocks held, which chaos runs read to see a replica back at idle)."""
         s = self.engine.stats()
-        return {**self._load(s), **{adapter_stat(key): 1.0 for key in s.loras_resident}}
+        held = {"kv_blocks_used": float(s.kv_blocks_used)}
+        return {**self._load(s), **held, **{adapter_stat(key): 1.0 for key in s.loras_resident}}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         return {**self._load(self.engine.stats()), **self._queue_signals}
