@@ -23,6 +23,8 @@ from deployments.replicas.model_server import WORKER_NAMESPACE
 class Injected:
     what: str  # for the report
     at: float  # perf_counter() when the fault struck
+    replica: str | None = None  # the model-server replica it took down, if one
+    restore: Callable[[], None] | None = None  # run in the main thread once the run ends
 
 
 Injector = Callable[[ChaosTarget], Injected]
@@ -55,7 +57,7 @@ def kill_replica(target: ChaosTarget) -> Injected:
     actor = ray.get_actor(stats["replica_actor"], namespace="serve")
     at = time.perf_counter()
     ray.kill(actor, no_restart=True)
-    return Injected(f"killed shared replica {stats['replica_id']}", at)
+    return Injected(f"killed shared replica {stats['replica_id']}", at, stats["replica_id"])
 
 
 def kill_tp_worker(target: ChaosTarget) -> Injected:
@@ -69,16 +71,21 @@ def kill_tp_worker(target: ChaosTarget) -> Injected:
     actor = ray.get_actor(name, namespace=WORKER_NAMESPACE)
     at = time.perf_counter()
     ray.kill(actor, no_restart=True)
-    return Injected(f"killed {name} of replica {stats['replica_id']}", at)
+    return Injected(f"killed {name} of replica {stats['replica_id']}", at, stats["replica_id"])
 
 
 def ingress_replicas(target: ChaosTarget, want: int = 2, timeout_s: float = 30.0) -> list[str]:
-    """Ingress replica ids, from the x-tiered-ingress header of probe answers."""
+    """Ingress replica ids, from the x-tiered-ingress header of the probe tenant's
+    completions (only completions carry it)."""
     seen: set[str] = set()
     deadline = time.monotonic() + timeout_s
     while len(seen) < want and time.monotonic() < deadline:
-        resp = httpx.get(f"{target.base_url}/models", timeout=10,
-                         headers={"Authorization": f"Bearer {target.probe_key}"})
+        resp = httpx.post(
+            f"{target.base_url}/chat/completions", timeout=10,
+            headers={"Authorization": f"Bearer {target.probe_key}"},
+            json={"model": target.model, "max_tokens": 1,
+                  "messages": [{"role": "user", "content": "who"}]},
+        )
         if "x-tiered-ingress" in resp.headers:
             seen.add(resp.headers["x-tiered-ingress"])
     if len(seen) < want:
@@ -107,25 +114,39 @@ def kill_admission(target: ChaosTarget) -> Injected:
 
 
 def remove_node(target: ChaosTarget) -> Injected:
-    """Remove a worker node that holds a shared replica, then add one like it back."""
+    """Remove a worker node that holds a model-server replica (a shared one if any is on
+    a worker node, else a dedicated one); a node like it is added back once the run has
+    its figures, so the replica must be rescheduled on the nodes that are left."""
     import ray
 
     if target.cluster is None:
         raise FaultUnavailable("removing a node needs the cluster the run started")
     cluster = target.cluster
-    shared = _busiest(target, shared=True, tp=False)
-    node = next((n for n in cluster.worker_nodes if n.node_id in shared["node_ids"]), None)
-    if node is None:
-        raise FaultUnavailable(f"replica {shared['replica_id']} is on the head node only")
-    resources = next(n["Resources"] for n in ray.nodes() if n["NodeID"] == node.node_id)
+    workers = {n.node_id: n for n in cluster.worker_nodes}
+    placed = [(d.startswith("shared-"), s) for d in model_deployments(target.app)
+              for s in replica_stats(target.app, d)]
+    on_worker = sorted(((shared, s) for shared, s in placed
+                        if set(s["node_ids"]) & workers.keys()), key=lambda p: not p[0])
+    if not on_worker:
+        raise FaultUnavailable("no model-server replica runs on a worker node")
+    shared, victim = on_worker[0]
+    node = workers[next(n for n in victim["node_ids"] if n in workers)]
+    info = next(n for n in ray.nodes() if n["NodeID"] == node.node_id)
+    resources = info["Resources"]
     at = time.perf_counter()
     cluster.remove_node(node, allow_graceful=False)
     custom = {k: v for k, v in resources.items()
               if k not in ("CPU", "GPU", "memory", "object_store_memory")
               and not k.startswith("node:")}
-    cluster.add_node(num_cpus=int(resources.get("CPU", 1)), resources=custom)
-    return Injected(f"removed node {node.node_id[:12]} (replica {shared['replica_id']}), "
-                    "added one back", at)
+
+    def add_back() -> None:  # Ray starts a node's processes from the main thread only
+        cluster.add_node(num_cpus=int(resources.get("CPU", 1)), resources=custom,
+                         metrics_export_port=info["MetricsExportPort"])
+
+    kind = "shared" if shared else "dedicated"
+    return Injected(f"removed node {node.node_id[:12]} with {kind} replica "
+                    f"{victim['replica_id']} (one like it is added back after the run)", at,
+                    victim["replica_id"], add_back)
 
 
 def database_down(seconds: float) -> Injector:
@@ -181,8 +202,10 @@ def check_replica_kill(r: FaultReport) -> None:
 
 def check_tp_worker_kill(r: FaultReport) -> None:
     _common(r, 90)
-    r.check("the replica was replaced whole", bool(r.extra.get("replica_replaced")),
-            str(r.extra.get("replica_replaced")))
+    r.check("the replica was replaced whole",
+            r.extra.get("replicas_back_after_s") is not None
+            and r.extra.get("victim") in r.extra.get("replica_replaced", []),
+            f"{r.extra.get('victim')} replaced by {r.extra.get('replicas_back_after_s')} s")
     r.check("no 5xx: new requests went to the other replica", not r.http_5xx, str(r.http_5xx))
     _retried(r)
     r.check("in-flight requests ended cleanly (done or an error event)",

@@ -15,6 +15,8 @@ from bench.chaos.observe import (
     ChaosTarget,
     billed_tokens,
     engine_load,
+    healthy,
+    model_deployments,
     replica_loads,
     wait_healthy,
     wait_idle,
@@ -79,15 +81,20 @@ async def run_fault(target: ChaosTarget, fault: Fault, shape: LoadShape) -> Faul
             120, f"{shape.warm_requests} completed requests before the fault",
         )
         before = await asyncio.to_thread(_replica_ids, target.app)
+        counts = await asyncio.to_thread(model_deployments, target.app)
         injected = await asyncio.to_thread(fault.inject, target)
         fault_at = injected.at
-        extra: dict = {"injected": injected.what}
+        extra: dict = {"injected": injected.what, "victim": injected.replica}
         probed = await asyncio.to_thread(
             wait_healthy, target, fault_at, shape.healthy_timeout_s
         )
         healthy_after = None
         if probed is not None:
             healthy_after = await _quiet(load, fault_at, probed, shape)
+        replicas_back = await asyncio.to_thread(
+            _replicas_back, target.app, counts, injected.replica, fault_at,
+            shape.healthy_timeout_s,
+        )
     finally:
         await load.stop()
     if shape.leaver is not None and shape.disconnects:
@@ -103,6 +110,7 @@ async def run_fault(target: ChaosTarget, fault: Fault, shape: LoadShape) -> Faul
     after = await asyncio.to_thread(_replica_ids, target.app)
     outage_end = fault_at + (healthy_after or 0.0)
     extra.update(
+        replicas_back_after_s=replicas_back,
         replica_replaced=sorted(before - after),
         errors_before_first_token=sum(
             1 for r in records
@@ -118,10 +126,24 @@ async def run_fault(target: ChaosTarget, fault: Fault, shape: LoadShape) -> Faul
         ),
     )
     report.extra = extra
+    if injected.restore is not None:
+        injected.restore()
     fault.checks(report)
     for check in shape.extra_checks:
         check(report)
     return report
+
+
+def _replicas_back(app: str, counts: dict[str, int], victim: str | None, fault_at: float,
+                   timeout_s: float) -> float | None:
+    """Seconds from the fault until every model deployment runs as many replicas as
+    before it, the victim (if any) no longer among them; None past the deadline."""
+    while time.perf_counter() - fault_at < timeout_s:
+        if (model_deployments(app) == counts and healthy(app)
+                and victim not in _replica_ids(app)):
+            return round(time.perf_counter() - fault_at, 2)
+        time.sleep(0.25)
+    return None
 
 
 async def _quiet(load: ChaosLoad, fault_at: float, probed: float, shape: LoadShape) -> float | None:
