@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     from bench import command as bench_command
+    from bench.chaos import command as chaos_command
     from cli import render, serve, status, usage
 
     return [
@@ -47,6 +48,7 @@ def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
         status.register,
         render.register,
         bench_command.register,
+        chaos_command.register,
         usage.register,
     ]
 

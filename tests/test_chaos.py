@@ -18,7 +18,7 @@ from bench.chaos.faults import FAULTS
 from bench.chaos.observe import ChaosTarget
 from bench.chaos.report import render
 from bench.chaos.run import run_fault
-from bench.chaos.scenarios import chaos_config, chaos_keys, short_shape
+from bench.chaos.scenarios import chaos_config, local_roles, short_shape
 from deployments.app import build_from_config
 from tests.postgres_server import PostgresServer
 from tests.state_fixtures import postgres_server  # noqa: F401
@@ -30,12 +30,12 @@ APP = "chaos"
 def target(ray_cluster, tiny_model_dir: Path,
            postgres_server: PostgresServer) -> Iterator[ChaosTarget]:  # noqa: F811
     url = postgres_server.create_database("chaos")
-    keys = chaos_keys("test")
-    config = chaos_config(str(tiny_model_dir), url, keys)
+    roles = local_roles("test")
+    config = chaos_config(str(tiny_model_dir), url, roles)
     serve.run(build_from_config(config), name=APP, route_prefix="/")
     yield ChaosTarget(
         app=APP, root=f"http://127.0.0.1:{ray_cluster.serve_port}", model=config.models[0].name,
-        admin_key=keys["admin"], probe_key=keys["chaos-probe"], cluster=ray_cluster,
+        admin_key=roles.admin_key, probe_key=roles.probe.key, cluster=ray_cluster,
         database=postgres_server,
     )
     serve.delete(APP)
@@ -45,9 +45,8 @@ def target(ray_cluster, tiny_model_dir: Path,
 
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_fault_short_form(target: ChaosTarget, fault: str) -> None:
-    keys = chaos_keys("test")
     report = asyncio.run(asyncio.wait_for(
-        run_fault(target, FAULTS[fault], short_shape(fault, keys)), 240
+        run_fault(target, FAULTS[fault], short_shape(fault, local_roles("test"))), 240
     ))
     print("\n" + render([report]))
     failed = [f"{c.name}: {c.detail}" for c in report.checks if not c.passed]

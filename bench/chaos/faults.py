@@ -164,7 +164,8 @@ def database_down(seconds: float) -> Injector:
 
 
 def no_fault(target: ChaosTarget) -> Injected:
-    return Injected("no fault: the load's own disconnects", time.perf_counter())
+    return Injected("no fault: the load's own disconnects (and bad requests)",
+                    time.perf_counter())
 
 
 # ---- what must hold -------------------------------------------------------------------
@@ -192,6 +193,8 @@ def _retried(r: FaultReport) -> None:
 
 
 def check_replica_kill(r: FaultReport) -> None:
+    """Kill a shared model-server replica (rank 0) with streams in flight: no 5xx, requests
+    with no token yet succeed elsewhere, cut streams end with an error event."""
     _common(r, 60)
     r.check("no 5xx", not r.http_5xx, str(r.http_5xx))
     _retried(r)
@@ -201,6 +204,7 @@ def check_replica_kill(r: FaultReport) -> None:
 
 
 def check_tp_worker_kill(r: FaultReport) -> None:
+    """Kill TP rank >= 1: the whole replica is replaced, streams end cleanly, no 5xx."""
     _common(r, 90)
     r.check("the replica was replaced whole",
             r.extra.get("replicas_back_after_s") is not None
@@ -215,23 +219,27 @@ def check_tp_worker_kill(r: FaultReport) -> None:
 
 
 def check_ingress_kill(r: FaultReport) -> None:
+    """Kill an ingress replica: seats and claims back within 60 s, the other one serves."""
     _common(r, 60)
     r.check("the other ingress kept serving", r.extra.get("completed_during_outage", 0) > 0,
             f"{r.extra.get('completed_during_outage', 0)} completed while it was replaced")
 
 
 def check_admission_kill(r: FaultReport) -> None:
+    """Kill the admission actor: no 500 (503 with Retry-After), recovered within 30 s."""
     _common(r, 30)
     r.check("no 500", "500" not in r.http_5xx, str(r.http_5xx))
     r.check("only 503s meanwhile", set(r.http_5xx) <= {"503"}, str(r.http_5xx))
 
 
 def check_node_removal(r: FaultReport) -> None:
+    """Remove a worker node holding a replica: rescheduled, service back, no 500."""
     _common(r, 120)
     r.check("no 500", "500" not in r.http_5xx, str(r.http_5xx))
 
 
 def check_disconnects(r: FaultReport) -> None:
+    """Clients leave mid-stream and mid-queue: engine idle within 1 s, KV freed."""
     _common(r, 30)
     idle_s = r.extra.get("engine_idle_after_s")
     r.check("engine idle within 1 s of the last disconnect",
@@ -240,11 +248,24 @@ def check_disconnects(r: FaultReport) -> None:
 
 
 def check_database_down(r: FaultReport) -> None:
+    """The database down 10 s: serving goes on, the ledger catches up exactly."""
     _common(r, 30)
     r.check("no 5xx", not r.http_5xx, str(r.http_5xx))
     r.check("served while the database was down",
             r.extra.get("completed_during_outage", 0) > 0, str(r.extra))
     _billing(r)
+
+
+def check_soak(r: FaultReport) -> None:
+    """Mixed load with disconnects and bad requests: 0 5xx, RSS < +10 %, idle at 0."""
+    _common(r, 60)
+    r.check("0 5xx", not r.http_5xx, str(r.http_5xx))
+    wrong = {k: v for k, v in r.outcomes.items()
+             if k not in ("completed", "http_400_as_meant") and not k.startswith("disconnected")}
+    r.check("every request completed, left, or was refused as meant", not wrong, str(wrong))
+    worst = r.extra.get("rss_growth_max_pct")
+    r.check("RSS growth of every Ray worker < 10% from minute 2 to the end",
+            worst is not None and worst < 10.0, f"worst {worst}%")
 
 
 @dataclass(frozen=True)
@@ -267,3 +288,4 @@ FAULTS = {
         Fault("node_removal", remove_node, check_node_removal, needs="cluster"),
     )
 }
+SOAK = Fault("soak", no_fault, check_soak)

@@ -25,6 +25,7 @@ class TenantLoad:
     clients: int = 2
     max_tokens: int = 48
     disconnect_every: int = 0  # every Nth request of a client is dropped by the client
+    bad_every: int = 0  # every Nth request of a client is invalid (the API must say 400)
 
 
 @dataclass
@@ -33,6 +34,7 @@ class ChaosRecord:
 
     record: RequestRecord
     disconnected: str | None = None  # "mid_stream" / "mid_queue" when the client left
+    bad: bool = False  # sent invalid on purpose
     hung: bool = False
 
 
@@ -77,18 +79,22 @@ class ChaosLoad:
             how = None
             if tenant.disconnect_every and n % tenant.disconnect_every == 0:
                 how = "mid_stream" if n % 2 else "mid_queue"
-            await self.one(tenant, how)
+            bad = bool(tenant.bad_every) and n % tenant.bad_every == 0
+            await self.one(tenant, how, bad)
             if self.records and self.records[-1].record.status not in (0, 200):
                 await asyncio.sleep(0.2)  # a 429/503 asks the client to come back later
 
-    async def one(self, tenant: TenantLoad, disconnect: str | None = None) -> ChaosRecord:
+    async def one(self, tenant: TenantLoad, disconnect: str | None = None,
+                  bad: bool = False) -> ChaosRecord:
         """One streamed request; `disconnect` drops it after its first chunk (mid_stream)
-        or before any (mid_queue)."""
+        or before any (mid_queue); `bad` sends a temperature the API must refuse."""
         body = request_body("chat", self.model, [{"role": "user", "content": PROMPT}],
                             tenant.max_tokens)
         body["logprobs"] = True  # one entry per token: what a cut stream received, exactly
+        if bad:
+            body["temperature"] = -1
         record = RequestRecord(tenant.name, "chaos", 0.0)
-        out = ChaosRecord(record)
+        out = ChaosRecord(record, bad=bad)
         work = asyncio.create_task(
             stream_request(self._client, self.base_url, tenant.key, body, record)
         )

@@ -18,7 +18,9 @@ def outcome(r: ChaosRecord) -> str:
     if r.disconnected:
         return f"disconnected_{r.disconnected}"
     if rec.status and rec.status != 200:
-        return f"http_{rec.status}"
+        return f"http_{rec.status}" + ("_as_meant" if r.bad and rec.status == 400 else "")
+    if r.bad:
+        return "bad_request_accepted"
     if rec.error:
         kind = rec.error.split(":", 1)[0]
         return "error_event" if kind == "stream_error" else kind

@@ -22,6 +22,7 @@ from bench.chaos.observe import (
     wait_idle,
 )
 from bench.chaos.report import FaultReport, outcome, received_tokens, summarise
+from bench.chaos.rss import growth, worker_rss
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class LoadShape:
     healthy_timeout_s: float = 120.0
     idle_timeout_s: float = 60.0  # seats and KV must be back within this
     deadline_s: float = 60.0  # per request: past it, a request is hung
+    rss_from_s: float = 0.0  # soak: RSS of Ray workers from this long after the start
     extra_checks: list[Callable[[FaultReport], None]] = field(default_factory=list)
 
 
@@ -84,6 +86,7 @@ async def run_fault(target: ChaosTarget, fault: Fault, shape: LoadShape) -> Faul
         counts = await asyncio.to_thread(model_deployments, target.app)
         injected = await asyncio.to_thread(fault.inject, target)
         fault_at = injected.at
+        rss_first = asyncio.create_task(_rss_at(fault_at + shape.rss_from_s, shape))
         extra: dict = {"injected": injected.what, "victim": injected.replica}
         probed = await asyncio.to_thread(
             wait_healthy, target, fault_at, shape.healthy_timeout_s
@@ -95,6 +98,7 @@ async def run_fault(target: ChaosTarget, fault: Fault, shape: LoadShape) -> Faul
             _replicas_back, target.app, counts, injected.replica, fault_at,
             shape.healthy_timeout_s,
         )
+        rss = growth(await rss_first, worker_rss()) if shape.rss_from_s else []
     finally:
         await load.stop()
     if shape.leaver is not None and shape.disconnects:
@@ -125,6 +129,10 @@ async def run_fault(target: ChaosTarget, fault: Fault, shape: LoadShape) -> Faul
             and r.record.service_tier == "shared" and outcome(r) == "completed"
         ),
     )
+    if rss:
+        extra["rss_growth_worst"] = [f"{pct:+.1f}% {title} ({a} -> {b} kB)"
+                                     for pct, title, a, b in rss[:3]]
+        extra["rss_growth_max_pct"] = round(rss[0][0], 2)
     report.extra = extra
     if injected.restore is not None:
         injected.restore()
@@ -162,5 +170,15 @@ async def _quiet(load: ChaosLoad, fault_at: float, probed: float, shape: LoadSha
         await asyncio.sleep(0.1)
 
 
+async def _rss_at(when: float, shape: LoadShape) -> dict[int, tuple[str, int]]:
+    if not shape.rss_from_s:
+        return {}
+    await asyncio.sleep(max(0.0, when - time.perf_counter()))
+    return await asyncio.to_thread(worker_rss)
+
+
 def _failed(r: ChaosRecord) -> bool:
-    return outcome(r) not in ("completed", "disconnected_mid_stream", "disconnected_mid_queue")
+    """A failure of the service: not a success, a client leaving, or a 4xx."""
+    kind = outcome(r)
+    return not (kind in ("completed", "http_400_as_meant") or kind.startswith("disconnected")
+                or kind.startswith("http_4"))
