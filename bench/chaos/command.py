@@ -177,7 +177,7 @@ def _list(args: argparse.Namespace) -> int:
     console = Console()
     for name, fault in {**FAULTS, "soak": SOAK}.items():
         needs = f" (needs the run's own {fault.needs})" if fault.needs else ""
-        console.print(f"{name}{needs}: {(fault.checks.__doc__ or '').strip()}")
+        console.print(f"{name}{needs}: {' '.join((fault.checks.__doc__ or '').split())}")
     return 0
 
 
