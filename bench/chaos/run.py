@@ -87,6 +87,10 @@ async def run_fault(target: ChaosTarget, fault: Fault, shape: LoadShape) -> Faul
         injected = await asyncio.to_thread(fault.inject, target)
         fault_at = injected.at
         rss_first = asyncio.create_task(_rss_at(fault_at + shape.rss_from_s, shape))
+        back = asyncio.create_task(asyncio.to_thread(
+            _replicas_back, target.app, counts, injected.replica, fault_at,
+            shape.healthy_timeout_s,
+        ))
         extra: dict = {"injected": injected.what, "victim": injected.replica}
         probed = await asyncio.to_thread(
             wait_healthy, target, fault_at, shape.healthy_timeout_s
@@ -94,10 +98,7 @@ async def run_fault(target: ChaosTarget, fault: Fault, shape: LoadShape) -> Faul
         healthy_after = None
         if probed is not None:
             healthy_after = await _quiet(load, fault_at, probed, shape)
-        replicas_back = await asyncio.to_thread(
-            _replicas_back, target.app, counts, injected.replica, fault_at,
-            shape.healthy_timeout_s,
-        )
+        replicas_back = await back
         rss = growth(await rss_first, worker_rss()) if shape.rss_from_s else []
     finally:
         await load.stop()
