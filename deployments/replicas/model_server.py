@@ -195,7 +195,8 @@ class ModelServer:
 
         A dead loop, a stall or an exited rank is final: the followers are killed at once,
         which breaks rank 0 out of any collective it is stuck in, so in-flight streams end
-        with EngineDeadError now rather than when Serve's drain times out."""
+        with EngineDeadError now rather than when Serve's drain times out; then the replica
+        exits (`_retire`)."""
         await self._heartbeat()
         self.exporter.export(self.engine.stats())
         try:
