@@ -82,13 +82,15 @@ async def run_fault(target: ChaosTarget, fault: Fault, shape: LoadShape) -> Faul
             lambda: sum(outcome(r) == "completed" for r in load.records) >= shape.warm_requests,
             120, f"{shape.warm_requests} completed requests before the fault",
         )
-        before = await asyncio.to_thread(_replica_ids, target.app)
+        placed = await asyncio.to_thread(replica_loads, target.app)
+        before = {s["replica_id"] for s in placed}
+        dedicated = {s["replica_id"] for s in placed if s["deployment"].startswith("dedicated-")}
         counts = await asyncio.to_thread(model_deployments, target.app)
         injected = await asyncio.to_thread(fault.inject, target)
         fault_at = injected.at
         rss_first = asyncio.create_task(_rss_at(fault_at + shape.rss_from_s, shape))
         back = asyncio.create_task(asyncio.to_thread(
-            _replicas_back, target.app, counts, injected.replica, fault_at,
+            _replicas_back, target.app, counts, before, injected.replica, fault_at,
             shape.healthy_timeout_s,
         ))
         extra: dict = {"injected": injected.what, "victim": injected.replica}
@@ -117,6 +119,7 @@ async def run_fault(target: ChaosTarget, fault: Fault, shape: LoadShape) -> Faul
     extra.update(
         replicas_back_after_s=replicas_back,
         replica_replaced=sorted(before - after),
+        dedicated_replaced=bool(dedicated - after),
         errors_before_first_token=sum(
             1 for r in records
             if r.record.send <= outage_end and not r.record.chunks and _failed(r)
@@ -143,13 +146,15 @@ async def run_fault(target: ChaosTarget, fault: Fault, shape: LoadShape) -> Faul
     return report
 
 
-def _replicas_back(app: str, counts: dict[str, int], victim: str | None, fault_at: float,
-                   timeout_s: float) -> float | None:
+def _replicas_back(app: str, counts: dict[str, int], before: set[str], victim: str | None,
+                   fault_at: float, timeout_s: float) -> float | None:
     """Seconds from the fault until every model deployment runs as many replicas as
-    before it, the victim (if any) no longer among them; None past the deadline."""
+    before it; with a victim, once it is gone and a new replica has taken its place.
+    None past the deadline."""
     while time.perf_counter() - fault_at < timeout_s:
-        if (model_deployments(app) == counts and healthy(app)
-                and victim not in _replica_ids(app)):
+        ids = _replica_ids(app)
+        replaced = victim is None or (victim not in ids and bool(ids - before))
+        if replaced and model_deployments(app) == counts and healthy(app):
             return round(time.perf_counter() - fault_at, 2)
         time.sleep(0.25)
     return None
