@@ -177,8 +177,10 @@ def _common(r: FaultReport, healthy_within_s: float, idle: bool = True) -> None:
             r.healthy_after_s is not None and r.healthy_after_s <= healthy_within_s,
             f"{r.healthy_after_s}")
     if idle:
-        r.check("0 KV blocks and 0 seats at idle", r.kv_blocks_idle == r.seats_idle == 0,
-                f"KV {r.kv_blocks_idle}, seats {r.seats_idle}")
+        idle_s = r.extra.get("idle_after_s")
+        r.check("0 KV blocks and 0 seats at idle (60 s from the fault; soak: its end)",
+                r.kv_blocks_idle == r.seats_idle == 0,
+                f"KV {r.kv_blocks_idle}, seats {r.seats_idle}, {idle_s} s after the fault")
 
 
 def _billing(r: FaultReport) -> None:

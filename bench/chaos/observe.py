@@ -110,9 +110,9 @@ def seats_held(target: ChaosTarget) -> int:
     return sum(p["in_use"] + p.get("queued", 0) for p in pools)
 
 
-def wait_idle(target: ChaosTarget, timeout_s: float) -> tuple[int, int, float]:
-    """(KV blocks, seats, seconds waited) once both are 0, or as they are at the deadline."""
-    start = time.monotonic()
+def wait_idle(target: ChaosTarget, since: float, timeout_s: float) -> tuple[int, int, float]:
+    """(KV blocks, seats, seconds from `since`, a perf_counter time) once both are 0, or
+    as they are `timeout_s` after `since`."""
     kv = seats = -1
     while True:
         try:
@@ -123,10 +123,10 @@ def wait_idle(target: ChaosTarget, timeout_s: float) -> tuple[int, int, float]:
             last = repr(exc)
         else:
             last = ""
-        if kv == seats == 0 or time.monotonic() - start > timeout_s:
+        if kv == seats == 0 or time.perf_counter() - since > timeout_s:
             if last:
                 print(f"idle state not readable: {last}")
-            return kv, seats, time.monotonic() - start
+            return kv, seats, time.perf_counter() - since
         time.sleep(POLL_S)
 
 

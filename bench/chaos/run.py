@@ -35,7 +35,7 @@ class LoadShape:
     warm_requests: int = 4  # completed before the fault is injected
     after_s: float = 3.0  # the load runs on this long once the app is healthy again
     healthy_timeout_s: float = 120.0
-    idle_timeout_s: float = 60.0  # seats and KV must be back within this
+    idle_timeout_s: float = 60.0  # seats and KV must be back within this of the fault
     deadline_s: float = 60.0  # per request: past it, a request is hung
     rss_from_s: float = 0.0  # soak: RSS of Ray workers from this long after the start
     extra_checks: list[Callable[[FaultReport], None]] = field(default_factory=list)
@@ -109,8 +109,11 @@ async def run_fault(target: ChaosTarget, fault: Fault, shape: LoadShape) -> Faul
     records = load.records
     report = summarise(fault.name, records, fault_at)
     report.healthy_after_s = None if healthy_after is None else round(healthy_after, 2)
-    kv, seats, _ = await asyncio.to_thread(wait_idle, target, shape.idle_timeout_s)
+    kv, seats, idle_after = await asyncio.to_thread(
+        wait_idle, target, fault_at, shape.idle_timeout_s
+    )
     report.kv_blocks_idle, report.seats_idle = kv, seats
+    extra["idle_after_s"] = round(idle_after, 2)
     steady = {t.name for t in tenants}
     report.tokens_received = sum(received_tokens(r) for r in records if r.record.tenant in steady)
     report.tokens_billed = await asyncio.to_thread(billed_tokens, target, sorted(steady), since)

@@ -109,4 +109,5 @@ def soak_shape(roles: Roles, minutes: float = 10.0) -> LoadShape:
     mid-queue), every 11th is a bad request (a 400); RSS sampled at minute 2 and the end."""
     steady = _steady(roles, 4, 64, disconnect_every=7, bad_every=11)
     return LoadShape(steady, warm_requests=10, after_s=minutes * 60,
-                     healthy_timeout_s=minutes * 60 + 120, rss_from_s=min(120.0, minutes * 12))
+                     healthy_timeout_s=minutes * 60 + 120, idle_timeout_s=minutes * 60 + 180,
+                     rss_from_s=min(120.0, minutes * 12))
