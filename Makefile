@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
 TIERED_STATE_DIR ?= $(CURDIR)/.state
 export TIERED_STATE_DIR
 
-.PHONY: serve usage test lint typecheck bench install clean
+.PHONY: serve usage test lint typecheck bench chaos install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ bench: $(STAMP)
 	for s in throughput_sweep p3_overhead p4_isolation p5_fairness p6_prefix p7_autoscale; do \
 		$(VENV)/bin/tiered bench run $$s --no-progress || exit 1; done
 	$(VENV)/bin/tiered bench run p4_isolation --pinned --no-progress
+
+chaos: $(STAMP)  # every fault in full, then the 10-minute soak; figures: RELIABILITY.md
+	$(PY) -m cli.main chaos run all --out bench/results/chaos-all
+	$(PY) -m cli.main chaos run soak --out bench/results/chaos-soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache

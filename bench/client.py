@@ -50,6 +50,7 @@ class RequestRecord:
     response_id: str | None = None  # api responses: what the next turn continues from
     previous_replica: str | None = None  # the replica of the conversation's previous turn
     reusable_tokens: int | None = None  # the previous turn's prompt + output tokens
+    logprob_tokens: int = 0  # tokens counted from chunks' logprobs (a request asking for them)
 
     @property
     def ok(self) -> bool:
@@ -205,6 +206,7 @@ def _take_chunk(record: RequestRecord, data: dict[str, Any], now: float, api: st
         first = choices[0]
         piece = (first.get("delta") or {}).get("content") if api == "chat" else first.get("text")
         record.text += piece or ""
+        record.logprob_tokens += len((first.get("logprobs") or {}).get("content") or [])
     usage = data.get("usage")
     if usage:
         record.prompt_tokens = usage.get("prompt_tokens")

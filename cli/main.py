@@ -46,11 +46,13 @@ def _extra_commands() -> list[Register]:
     from cli import render, serve, status, usage
 
     commands: list[Register] = [serve.register, status.register, render.register, usage.register]
-    # The load generator is optional: an install without bench/ has every other command.
+    # The load generator and the fault runner are optional: an install without bench/ has
+    # every other command.
     if importlib.util.find_spec("bench") is not None:
         from bench import command as bench_command
+        from bench.chaos import command as chaos_command
 
-        commands.append(bench_command.register)
+        commands += [bench_command.register, chaos_command.register]
     return commands
 
 

@@ -283,6 +283,7 @@ class AsyncLLMEngine:
         try:
             while not self._stop.is_set():
                 self._apply_commands()
+                self.engine.keep_alive()
                 if not self.engine.has_unfinished():
                     self._last_progress = time.monotonic()
                     self._wake.wait(0.1)

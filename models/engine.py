@@ -240,6 +240,10 @@ class LLMEngine:
         return bool(self._requests)
 
     # ---- stepping -------------------------------------------------------------------
+    def keep_alive(self) -> None:
+        """Between steps: keep the TP followers' wait for the next step from timing out."""
+        self.runner.keep_alive()
+
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         if not sched.chunks:

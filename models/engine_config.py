@@ -37,6 +37,9 @@ class EngineConfig(BaseModel):
     max_cpu_loras: int | None = Field(
         None, ge=1, description="Adapters kept in CPU memory (LRU); None = 2 * max(max_loras, 1)."
     )
+    collective_timeout_s: float = Field(
+        120.0, gt=0, description="How long a TP rank waits in one collective before failing."
+    )
     served_model_name: str | None = Field(
         None, description="The base model's public name, checked against adapters' base."
     )

@@ -4,6 +4,10 @@ Rank 0 packs each step's inputs into one int64 vector and broadcasts it over the
 group; ranks 1..N-1 sit in `run_worker`, unpack and run the same forward pass, joining
 the all-reduces and the logits gather. The same code runs on gloo and NCCL.
 
+Followers wait for rank 0's next command in a broadcast that fails after the group's
+collective timeout, so an idle rank 0 sends a heartbeat (a header with no work) whenever
+a quarter of that timeout has passed since its last broadcast: an idle replica lives on.
+
 LoRA commands travel the same way, in the order rank 0 issues them: load an adapter into
 CPU memory (its directory and URI as bytes), drop it, or copy it into a device slot. A load
 ends with an all-reduce of failure flags, so a follower that cannot read never brings the
@@ -15,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +38,7 @@ from models.weights import load_model
 log = logging.getLogger(__name__)
 
 _HEADER_LEN = 6
-_CMD_STEP, _CMD_SHUTDOWN, _CMD_LORA = 1, 2, 3
+_CMD_STEP, _CMD_SHUTDOWN, _CMD_LORA, _CMD_HEARTBEAT = 1, 2, 3, 4
 _LORA_LOAD, _LORA_DROP, _LORA_FILL = 1, 2, 3
 
 
@@ -90,6 +95,8 @@ class StepBatch:
 
 
 def payload_length(header: list[int]) -> int:
+    if header[0] == _CMD_HEARTBEAT:
+        return 0
     if header[0] == _CMD_LORA:
         return header[4]  # the bytes of a load's directory and URI
     _, t, s, width, n_logits, n_lora = header
@@ -144,6 +151,8 @@ class ModelRunner:
             else None
         )
         self.adapters: dict[int, AdapterWeights] = {}  # this rank's CPU copies, by id
+        self._heartbeat_s = config.collective_timeout_s / 4
+        self._last_broadcast = time.monotonic()
 
     def _num_blocks(self) -> int:
         """Same on every rank: it depends only on the config and the local head count."""
@@ -160,9 +169,22 @@ class ModelRunner:
         """Rank 0: broadcast the batch, run it, return logits [len(logits_indices), V]."""
         if self.parallel.world_size > 1:
             header, payload = batch.pack()
-            broadcast_ints(header, self.parallel, _HEADER_LEN)
+            self._broadcast(header)
             broadcast_ints(payload, self.parallel, payload.numel())
         return self._forward(batch)
+
+    def _broadcast(self, header: torch.Tensor) -> None:
+        """Rank 0 sends a command header; the followers are waiting for it."""
+        broadcast_ints(header, self.parallel, _HEADER_LEN)
+        self._last_broadcast = time.monotonic()
+
+    def keep_alive(self) -> None:
+        """Rank 0, between steps: a heartbeat when the followers have waited long enough
+        that their wait could time out."""
+        if self.parallel.world_size == 1:
+            return
+        if time.monotonic() - self._last_broadcast >= self._heartbeat_s:
+            self._broadcast(torch.tensor([_CMD_HEARTBEAT, 0, 0, 0, 0, 0]))
 
     def _forward(self, batch: StepBatch) -> torch.Tensor | None:
         device = self.parallel.device
@@ -218,8 +240,7 @@ class ModelRunner:
     def _command(self, op: int, adapter_id: int, slot: int, data: bytes = b"") -> None:
         if self.parallel.world_size == 1:
             return
-        header = torch.tensor([_CMD_LORA, op, adapter_id, slot, len(data), 0])
-        broadcast_ints(header, self.parallel, _HEADER_LEN)
+        self._broadcast(torch.tensor([_CMD_LORA, op, adapter_id, slot, len(data), 0]))
         if data:
             broadcast_ints(torch.tensor(list(data), dtype=torch.int64), self.parallel, len(data))
 
@@ -250,6 +271,8 @@ class ModelRunner:
             header = broadcast_ints(None, self.parallel, _HEADER_LEN).tolist()
             if header[0] == _CMD_SHUTDOWN:
                 return
+            if header[0] == _CMD_HEARTBEAT:
+                continue
             length = payload_length(header)
             payload = broadcast_ints(None, self.parallel, length).tolist() if length else []
             if header[0] == _CMD_LORA:
@@ -260,8 +283,7 @@ class ModelRunner:
     def shutdown(self) -> None:
         """Rank 0 releases the followers; every rank leaves the process group."""
         if self.parallel.world_size > 1 and self.parallel.is_driver:
-            stop = torch.tensor([_CMD_SHUTDOWN, 0, 0, 0, 0, 0])
-            broadcast_ints(stop, self.parallel, _HEADER_LEN)
+            self._broadcast(torch.tensor([_CMD_SHUTDOWN, 0, 0, 0, 0, 0]))
         destroy_parallel(self.parallel)
 
 

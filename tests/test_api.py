@@ -194,6 +194,18 @@ def test_sdk_exception_classes(base_url: str) -> None:
         client(base_url).get("/../admin/usage", cast_to=object)
 
 
+@pytest.mark.parametrize("trailing", [b"\xa0", b"\x85"])  # NBSP, NEL: str.strip() drops them
+def test_a_key_with_trailing_unicode_space_is_refused(base_url: str, trailing: bytes) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    key = KEYS["globex"].encode()
+    for value, status in ((b"Bearer " + key + trailing, 401), (b"Bearer \t" + key, 200)):
+        r = httpx.post(
+            f"{base_url}/chat/completions", json=body, timeout=30,
+            headers=[(b"Authorization", value)],
+        )
+        assert r.status_code == status, (value, r.text)
+
+
 def _body(**fields: object) -> bytes:
     base = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
     return json.dumps({**base, **fields}).encode()

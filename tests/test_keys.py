@@ -343,3 +343,21 @@ def test_tenant_lists() -> None:
         tenants.validate_python([{"name": "a"}, {"name": "a"}])
     with pytest.raises(ValidationError, match=r"tenants\[1\].*the same key as tenants\[0\]"):
         tenants.validate_python([{"name": n, "api_key_hashes": [digest]} for n in "ab"])
+
+
+@pytest.mark.parametrize(
+    ("header", "token"),
+    [
+        ("Bearer tk-1", "tk-1"),
+        ("bearer \ttk-1 \t", "tk-1"),
+        ("Bearer tk-1\u00a0", "tk-1\u00a0"),  # kept, so it is not the key tk-1
+        ("Bearer \u2003tk-1", "\u2003tk-1"),
+        ("Basic tk-1", None),
+        ("Bearer  ", None),
+        ("", None),
+    ],
+)
+def test_bearer_token_strips_only_http_whitespace(header: str, token: str | None) -> None:
+    from deployments.api.auth import bearer_token
+
+    assert bearer_token(header) == token

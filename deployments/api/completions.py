@@ -7,12 +7,14 @@ one `finish` with the usage the client received.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from fastapi.responses import JSONResponse, Response
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.api.claims import ClosingStreamingResponse
@@ -22,12 +24,15 @@ from deployments.config.plan import Tier
 from deployments.observability.requests import RequestTimer
 from deployments.replicas.requests import GenerateRequest, ServedOutput
 from deployments.tenancy.types import UsageRecord, UsageStatus
+from models.errors import EngineDeadError
 from models.outputs import Usage
 
 log = logging.getLogger(__name__)
 TIER_HEADER = "x-tiered-service-tier"
 REPLICA_HEADER = "x-tiered-replica"
 Finish = Callable[[UsageRecord | None], Awaitable[None]]
+SEND_ATTEMPTS = 3  # a request whose replica is lost before its first token is sent again
+RESEND_PAUSE_S = 0.25  # times the attempt number, between attempts
 
 
 @dataclass
@@ -74,24 +79,50 @@ class Served:
         self.usage = served.output.usage
 
 
-def stream_outputs(served: Served, handle: DeploymentHandle) -> DeploymentResponseGenerator:
+def _stream_outputs(served: Served, handle: DeploymentHandle) -> DeploymentResponseGenerator:
     outputs = handle.options(stream=True).generate.remote(served.job)
     assert isinstance(outputs, DeploymentResponseGenerator)  # stream=True above
     return outputs
 
 
-async def first_output(served: Served, outputs: DeploymentResponseGenerator) -> ServedOutput:
-    """The first output decides the status: an engine error before it is the request's
-    error (closed and mapped to its OpenAI error here)."""
-    try:
-        return await outputs.__anext__()
-    except BaseException as exc:
-        outputs.cancel()
-        await served.close("error")
-        mapped = from_engine_error(exc)
-        if mapped is None:
-            raise
-        raise mapped from None
+def replica_lost(exc: BaseException) -> bool:
+    """The replica died, or its engine did: nothing about the request itself."""
+    cause: BaseException | None = exc
+    for _ in range(4):  # Ray wraps user exceptions; walk to the typed one
+        if cause is None:
+            return False
+        if isinstance(cause, RayActorError | EngineDeadError):
+            return True
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    return False
+
+
+async def open_stream(
+    served: Served, handle: DeploymentHandle
+) -> tuple[DeploymentResponseGenerator, ServedOutput]:
+    """Send the request and await its first output, which decides the status.
+
+    A replica lost before that output sent the client nothing, so the request is sent
+    again (Serve's router drops a dead replica, and a replica whose engine died retires
+    itself), up to SEND_ATTEMPTS times. Any other error before the first output is the
+    request's error: closed and mapped to its OpenAI error here."""
+    for attempt in range(1, SEND_ATTEMPTS + 1):
+        outputs = _stream_outputs(served, handle)
+        try:
+            return outputs, await outputs.__anext__()
+        except BaseException as exc:
+            outputs.cancel()
+            if attempt < SEND_ATTEMPTS and replica_lost(exc):
+                log.warning("replica lost before %s's first token (%s); sending it again",
+                            served.job.request_id, type(exc).__name__)
+                await asyncio.sleep(RESEND_PAUSE_S * attempt)
+                continue
+            await served.close("error")
+            mapped = from_engine_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from None
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def served_headers(served: Served, first: ServedOutput, headers: dict[str, str]) -> dict[str, str]:
@@ -107,8 +138,7 @@ async def respond(
     headers: dict[str, str],
 ) -> Response:
     """A body, or an SSE stream that closes the claim when it ends."""
-    outputs = stream_outputs(served, handle)
-    first = await first_output(served, outputs)
+    outputs, first = await open_stream(served, handle)
     headers = served_headers(served, first, headers)
     if stream:
         body = _sse(served, builder, first, outputs, include_usage)

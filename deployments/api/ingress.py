@@ -24,6 +24,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.api.adapters import AdapterAdmin
 from deployments.api.admin import require_admin, usage_report
+from deployments.api.auth import bearer_token
 from deployments.api.catalog import ModelCatalog, check_allowed
 from deployments.api.completions import Served, respond
 from deployments.api.conversations import StatefulReads
@@ -75,8 +76,7 @@ app.add_middleware(RequestMetricsMiddleware)
 # Helpers sit above the class: serve.ingress captures what the class refers to when it
 # is decorated.
 def _bearer(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return bearer_token(request.headers.get("authorization", ""))
 
 
 def _include_usage(req: OpenAIRequest) -> bool:

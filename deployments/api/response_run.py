@@ -20,9 +20,8 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from deployments.api.claims import ClosingStreamingResponse
 from deployments.api.completions import (
     Served,
-    first_output,
+    open_stream,
     served_headers,
-    stream_outputs,
 )
 from deployments.api.errors import OpenAIError, from_engine_error
 from deployments.api.response_objects import ResponseDraft, ResponseEvents, response_object
@@ -103,9 +102,8 @@ async def respond_response(
     run: ResponseRun, handle: DeploymentHandle, stream: bool, headers: dict[str, str]
 ) -> Response:
     served = run.served
-    outputs = stream_outputs(served, handle)
     try:
-        first = await first_output(served, outputs)
+        outputs, first = await open_stream(served, handle)
     except OpenAIError as exc:
         await _save_failed(run, exc)
         raise

@@ -48,6 +48,9 @@ class EngineSpec(BaseModel):
     max_cpu_loras: int | None = Field(
         None, ge=1, description="Adapters kept in CPU memory (LRU); the engine's default."
     )
+    collective_timeout_s: float = Field(
+        120.0, gt=0, description="How long a TP rank waits in one collective before failing."
+    )
 
 
 class AdapterSpec(BaseModel):

@@ -4,7 +4,10 @@ Rank 0 runs inside the replica actor (scheduler, sampling, the async engine); ra
 1..N-1 are `TPWorker` actors placed in the replica's other bundles. Health fails when any
 rank is gone or the engine loop stalls, and Serve then replaces the replica, and with it
 every rank: the workers are owned by the replica actor and sit in its placement group,
-which Serve removes when it stops the replica.
+which Serve removes when it stops the replica. A replica whose engine died does not wait
+for three failed health checks meanwhile taking new requests: once its open streams have
+their error it exits, Serve's routers drop it, and the ingress sends again any request
+that had no token yet.
 
 Serve 2.60's gang scheduling (`GangSchedulingConfig`, RESTART_GANG) is not used: a gang is
 N replicas that each take requests, while here only rank 0 takes requests and the other
@@ -55,6 +58,8 @@ from models.tp import ParallelContext, init_parallel
 log = logging.getLogger(__name__)
 WORKER_PING_TIMEOUT_S = 5.0
 HEARTBEAT_TIMEOUT_S = 2.0
+RETIRE_DEADLINE_S = 10.0  # a replica whose engine died exits within this long
+RETIRE_GRACE_S = 0.3  # after its last stream was failed, so the error goes out first
 WORKER_NAMESPACE = "tiered-tp"
 T = TypeVar("T")
 
@@ -75,6 +80,8 @@ class ModelServer:
         self.report_to = serve.get_replica_context().app_name if report else None
         self._admission: ActorHandle | None = None
         self._queue_signals: dict[str, float] = {}
+        self._retiring = False
+        self._exiting: asyncio.Task | None = None
         self.spec = ModelSpec.model_validate(model)
         self.replica = ReplicaSpec.model_validate(replica)
         self.pool = pool
@@ -126,9 +133,11 @@ class ModelServer:
             config = self.spec.engine_config(self.replica, rank, self.spec.path)
             self._runs.append(worker.run.remote(config, tp, address))
             self.workers.append(worker)
-        device = self.spec.engine.device
+        engine = self.spec.engine
         return await self._unless_a_rank_fails(
-            asyncio.to_thread(init_parallel, 0, tp, address, device),
+            asyncio.to_thread(
+                init_parallel, 0, tp, address, engine.device, engine.collective_timeout_s
+            ),
             "joining the process group",
         )
 
@@ -154,16 +163,20 @@ class ModelServer:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[ServedOutput]:
         """Stream the engine's outputs for one admitted request."""
-        async for out in self.engine.generate(
-            request.request_id,
-            request.prompt,
-            request.params,
-            priority=request.priority,
-            cache_salt=request.cache_salt,
-            retain=request.retain,
-            lora=request.lora,
-        ):
-            yield ServedOutput(out, self.replica_id)
+        try:
+            async for out in self.engine.generate(
+                request.request_id,
+                request.prompt,
+                request.params,
+                priority=request.priority,
+                cache_salt=request.cache_salt,
+                retain=request.retain,
+                lora=request.lora,
+            ):
+                yield ServedOutput(out, self.replica_id)
+        except EngineDeadError:
+            self._retire()
+            raise
 
     async def load_lora(self, lora: LoRARequest) -> float:
         """Load an adapter before its first request needs it (a no-op when held); the
@@ -198,7 +211,8 @@ class ModelServer:
 
         A dead loop, a stall or an exited rank is final: the followers are killed at once,
         which breaks rank 0 out of any collective it is stuck in, so in-flight streams end
-        with EngineDeadError now rather than when Serve's drain times out."""
+        with EngineDeadError now rather than when Serve's drain times out; then the replica
+        exits (`_retire`)."""
         await self._heartbeat()
         self.exporter.export(self.engine.stats())
         try:
@@ -208,8 +222,7 @@ class ModelServer:
                 if done:
                     raise EngineDeadError(f"{len(done)} tensor-parallel rank(s) exited")
         except EngineDeadError:
-            self.exporter.up(False)
-            self._kill_workers()
+            self._retire()
             raise
         pings = [w.ping.remote() for w in self.workers]
         try:
@@ -231,9 +244,11 @@ class ModelServer:
         }
 
     def record_routing_stats(self) -> dict[str, float]:
-        """Load, plus one key per adapter held, so the router can prefer a holder."""
+        """Load, plus one key per adapter held, so the router can prefer a holder (and the
+        KV blocks held, which chaos runs read to see a replica back at idle)."""
         s = self.engine.stats()
-        return {**self._load(s), **{adapter_stat(key): 1.0 for key in s.loras_resident}}
+        held = {"kv_blocks_used": float(s.kv_blocks_used)}
+        return {**self._load(s), **held, **{adapter_stat(key): 1.0 for key in s.loras_resident}}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         return {**self._load(self.engine.stats()), **self._queue_signals}
@@ -270,6 +285,28 @@ class ModelServer:
         if engine is not None:
             await engine.shutdown(0.0)
         self._kill_workers()
+
+    def _retire(self) -> None:
+        """The engine is dead for good: kill the followers at once (which frees rank 0
+        from any collective, so open streams end with their error now), then, once those
+        errors are on their way, this replica's own actor. Serve's routers drop a dead
+        replica at once and the controller replaces it, where a live one with a dead
+        engine would take new requests until three health checks had failed."""
+        self.exporter.up(False)
+        self._kill_workers()
+        if not self._retiring:
+            self._retiring = True
+            self._exiting = asyncio.get_running_loop().create_task(self._exit())
+
+    async def _exit(self) -> None:
+        """Exit once every open stream has been failed (or RETIRE_DEADLINE_S passed),
+        a moment later, so each stream's error reaches its caller before the actor goes."""
+        deadline = time.monotonic() + RETIRE_DEADLINE_S
+        while self.engine.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(RETIRE_GRACE_S)
+        log.error("engine dead: this replica exits so that Serve replaces it")
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     def _kill_workers(self) -> None:
         for worker in getattr(self, "workers", []):

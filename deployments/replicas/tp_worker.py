@@ -38,7 +38,9 @@ class TPWorker:
 
         # `config.model` as written in the Tiered config: this node's copy of it.
         config = config.model_copy(update={"model": str(resolve_model_path(config.model))})
-        parallel = init_parallel(self.rank, world_size, init_method, config.device)
+        parallel = init_parallel(
+            self.rank, world_size, init_method, config.device, config.collective_timeout_s
+        )
         run_worker(config, parallel)
         return self.rank
 

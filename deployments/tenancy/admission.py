@@ -44,9 +44,11 @@ from deployments.tenancy.types import (
 
 HEARTBEAT_TTL_S = 15.0  # a model-server replica not heard from for this long is no capacity
 # An ingress replica not heard from for this long is gone (crashed, replaced): everything
-# its requests held is settled. Ingress replicas report at each health check.
+# its requests held is settled. Ingress replicas report at each health check, and the
+# claims are settled at the next report of any of them: within TTL + one period of the
+# last report of the dead one, i.e. within 50 s of its death (the README's 60 s).
 INGRESS_HEARTBEAT_S = 10.0
-OWNER_TTL_S = 6 * INGRESS_HEARTBEAT_S
+OWNER_TTL_S = 4 * INGRESS_HEARTBEAT_S
 # A claim finished before its admit ran (the caller gave up first) is refused on arrival;
 # such ids, and recently finished ones (never re-registered), are kept this long.
 FORGET_AFTER_S = 2 * OWNER_TTL_S

@@ -1,0 +1,1 @@
+"""`tiered chaos`: faults injected under load, and what each one cost, as a table."""
