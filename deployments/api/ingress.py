@@ -24,6 +24,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.api.adapters import AdapterAdmin
 from deployments.api.admin import require_admin, usage_report
+from deployments.api.auth import authenticate, bearer
 from deployments.api.catalog import ModelCatalog, check_allowed
 from deployments.api.completions import Served, respond
 from deployments.api.conversations import StatefulReads
@@ -33,6 +34,9 @@ from deployments.api.errors import (
     set_body_limit,
     state_unavailable,
 )
+from deployments.api.files import FilesApi
+from deployments.api.finetune_routes import FineTuningRoutes
+from deployments.api.finetune_routes import router as fine_tuning_router
 from deployments.api.limits import (
     admission_unavailable,
     ratelimit_headers,
@@ -68,15 +72,11 @@ DRAIN_TIMEOUT_S = 10.0  # a stopping replica waits this long for its usage to be
 app = FastAPI(title="Tiered", version="0.1.0", description="OpenAI-compatible multi-tenant API")
 install_error_handlers(app)
 app.add_middleware(RequestMetricsMiddleware)
+app.include_router(fine_tuning_router)  # the Files API (FineTuningRoutes, below)
 
 
 # Helpers sit above the class: serve.ingress captures what the class refers to when it
 # is decorated.
-def _bearer(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
 def _include_usage(req: OpenAIRequest) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage)
 
@@ -89,14 +89,13 @@ async def _json_body(request: Request) -> Any:
 
 
 @serve.ingress(app)
-class Ingress:
+class Ingress(FineTuningRoutes):
     async def __init__(  # type: ignore[misc]  # Serve awaits an async __init__
         self,
         config: dict,
         handles: dict[str, DeploymentHandle],
     ) -> None:
         self.config = TieredConfig.model_validate(config)
-        set_body_limit(app, self.config.ingress.max_body_bytes)
         self.keys = load_key_rings(self.config)
         self.models = {m.name: ServedModel.load(m) for m in self.config.models}
         self.handles = handles  # pool key (deployments.config.plan) -> its deployment
@@ -120,6 +119,12 @@ class Ingress:
         self.turns = TurnService(self.config, self.responses, self.conversations, self.upkeep)
         self.catalog = ModelCatalog(self.config, self.models, self.store)
         self.adapters = AdapterAdmin(self.catalog, handles, self.config.ingress.request_timeout_s)
+        self.files = FilesApi(self.store, self.config.files, self.catalog.prepare)
+        set_body_limit(
+            app,
+            self.config.ingress.max_body_bytes,
+            {"/v1/files": max(self.files.upload_body_limit, self.config.ingress.max_body_bytes)},
+        )
 
     async def __del__(self) -> None:
         """Serve calls this when the replica stops (scale-down, redeploy, shutdown):
@@ -146,13 +151,13 @@ class Ingress:
     @app.get("/admin/usage")
     async def usage(self, request: Request) -> dict[str, Any]:
         """Billing aggregates from the ledger, priced (deployments.state.report)."""
-        require_admin(self.keys, _bearer(request))
+        require_admin(self.keys, bearer(request))
         return await usage_report(self.ledger, self.config.prices, dict(request.query_params))
 
     @app.get("/admin/state")
     async def state(self, request: Request) -> dict[str, Any]:
         """The admission actor's seats and queues, live (not billing data)."""
-        require_admin(self.keys, _bearer(request))
+        require_admin(self.keys, bearer(request))
         try:
             return await self.admission.state()
         except AdmissionUnavailable:
@@ -161,12 +166,12 @@ class Ingress:
     # ---- LoRA adapters, hot-loaded by an admin (deployments.api.adapters) -------------
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(self, request: Request) -> dict[str, Any]:
-        require_admin(self.keys, _bearer(request))
+        require_admin(self.keys, bearer(request))
         return await self.adapters.load(await _json_body(request))
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(self, request: Request) -> dict[str, Any]:
-        require_admin(self.keys, _bearer(request))
+        require_admin(self.keys, bearer(request))
         return await self.adapters.unload(await _json_body(request))
 
     @app.post("/v1/chat/completions")
@@ -254,15 +259,7 @@ class Ingress:
 
     # ---- the request path -----------------------------------------------------------
     def _authenticate(self, request: Request) -> TenantSpec:
-        token = _bearer(request)
-        name = self.keys.tenants.tenant_for(token)
-        tenant = self.config.tenant(name) if name is not None else None
-        if tenant is None:
-            message = (
-                "Incorrect API key provided." if token else "You didn't provide an API key."
-            )
-            raise OpenAIError(401, message, code="invalid_api_key")
-        return tenant
+        return authenticate(self.keys, self.config, request)
 
     async def _complete(self, request: Request, kind: str) -> Response:
         """Every answer names the ingress replica that gave it (x-tiered-ingress)."""

@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from deployments.config.fine_tuning import FilesSpec
 from deployments.config.models import (
     ConfigError,
     ModelSpec,
@@ -74,6 +75,10 @@ class TieredConfig(BaseModel):
         description="The database (usage ledger); $TIERED_STATE_URL overrides state.url.",
     )
     prices: PricesSpec = PricesSpec()
+    files: FilesSpec = Field(
+        default_factory=FilesSpec,
+        description="Uploaded files (the Files API): fsspec root and size limit.",
+    )
 
     @model_validator(mode="after")
     def _cross_references(self) -> TieredConfig:

@@ -192,3 +192,21 @@ class AdapterRow(Base):
             sqlite_where=text(ADAPTER_ACTIVE), postgresql_where=text(ADAPTER_ACTIVE),
         ),
     )
+
+
+class FileRow(Base):
+    """An uploaded file (OpenAI's Files API): metadata here, bytes at `path` in the files
+    root (fsspec). Deleting a file deletes its row and its bytes."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String, primary_key=True)  # "file-…"
+    tenant: Mapped[str] = mapped_column(String)
+    purpose: Mapped[str] = mapped_column(String)  # "fine-tune"
+    filename: Mapped[str] = mapped_column(String)
+    bytes: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(String)  # relative to the files root
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    examples: Mapped[int] = mapped_column(Integer)  # lines accepted at upload
+
+    __table_args__ = (Index("ix_files_tenant_created_at", "tenant", "created_at"),)
