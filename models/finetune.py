@@ -170,6 +170,17 @@ class LoRATrainer:
         targets = ids[:, 1:]
         return F.cross_entropy(logits[mask], targets[mask])
 
+    @torch.no_grad()
+    def evaluate(self, examples: list[EncodedExample]) -> float:
+        """The loss over `examples` (a validation set), token-weighted."""
+        total, count = 0.0, 0
+        for start in range(0, len(examples), self.config.batch_size):
+            batch = examples[start : start + self.config.batch_size]
+            tokens = sum(e.trained_count - e.trained[0] for e in batch)  # predicted positions
+            total += float(self.loss(batch)) * tokens
+            count += tokens
+        return total / count
+
     def train(
         self,
         examples: list[EncodedExample],

@@ -1,6 +1,9 @@
-"""Who is calling: the bearer key, and the tenant it belongs to (401 otherwise)."""
+"""Who is calling (the bearer key, its tenant, else a 401), and the JSON body they sent."""
 
 from __future__ import annotations
+
+import json
+from typing import Any
 
 from fastapi import Request
 
@@ -24,3 +27,10 @@ def authenticate(keys: KeyRings, config: TieredConfig, request: Request) -> Tena
         message = "Incorrect API key provided." if token else "You didn't provide an API key."
         raise OpenAIError(401, message, code="invalid_api_key")
     return tenant
+
+
+async def json_body(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise OpenAIError(400, "We could not parse the JSON body of your request.") from None

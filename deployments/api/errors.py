@@ -121,6 +121,11 @@ def from_engine_error(exc: BaseException) -> OpenAIError | None:
     return None
 
 
+def _constrained(tag: str) -> bool:
+    """pydantic's tag for a constrained union member: "constrained-int", ...-float, ...-str."""
+    return tag.startswith("constrained-")
+
+
 def _param_path(loc: Sequence[Any]) -> str | None:
     """ "body.messages.0.content.list[...].0.text" -> "messages.0.content.0.text"."""
     parts = []
@@ -131,7 +136,7 @@ def _param_path(loc: Sequence[Any]) -> str | None:
             parts.append(str(item))
             continue
         text = str(item)
-        if "[" in text or text in _SCALAR_TAGS or text[:1].isupper():
+        if "[" in text or text in _SCALAR_TAGS or text[:1].isupper() or _constrained(text):
             continue  # a union member's tag, not a field
         parts.append(text)
     return ".".join(parts) or None

@@ -41,6 +41,14 @@ MULTIPART_FRAMING = 64 * 1024  # the body limit of an upload: max_bytes plus thi
 MAX_FILENAME = 255
 
 
+async def state_call(work: Coroutine[Any, Any, T]) -> T:
+    """A state-store call: an outage is a 503, never a 500."""
+    try:
+        return await work
+    except StateError:
+        raise state_unavailable() from None
+
+
 def file_object(stored: StoredFile) -> dict[str, Any]:
     return {
         "id": stored.id,
@@ -97,20 +105,25 @@ class FilesApi:
             created_at=datetime.now(UTC),
             examples=len(examples),
         )
-        await self._call(self._prepare())
+        await self.ready()
         await asyncio.to_thread(self.blobs.put, stored.path, data)
         try:
-            await self._call(self.files.create(stored))
+            await state_call(self.files.create(stored))
         except OpenAIError:
             await asyncio.to_thread(self.blobs.delete, stored.path)
             raise
         return file_object(stored)
 
+    async def ready(self) -> None:
+        """The store reachable and migrated (once per replica; a 503 while it is down)."""
+        await state_call(self._prepare())
+
     async def list(self, tenant: str, query: dict[str, str]) -> dict[str, Any]:
         params = parse_list_params(query)
         purpose = query.get("purpose")
+        await self.ready()
         try:
-            page = await self._call(
+            page = await state_call(
                 self.files.list(tenant, purpose, params.after, params.limit, params.order)
             )
         except UnknownCursorError:
@@ -130,7 +143,8 @@ class FilesApi:
         return Response(data, media_type="application/octet-stream")
 
     async def delete(self, tenant: str, file_id: str) -> dict[str, Any]:
-        gone = await self._call(self.files.delete(tenant, file_id))
+        await self.ready()
+        gone = await state_call(self.files.delete(tenant, file_id))
         if gone is None:
             raise file_not_found(file_id)
         try:
@@ -141,7 +155,8 @@ class FilesApi:
 
     async def stored(self, tenant: str, file_id: str, param: str | None = None) -> StoredFile:
         """The tenant's file with this id, else a 404 (also used by the jobs API)."""
-        stored = await self._call(self.files.get(tenant, file_id))
+        await self.ready()
+        stored = await state_call(self.files.get(tenant, file_id))
         if stored is None:
             raise file_not_found(file_id, param)
         return stored
@@ -181,10 +196,3 @@ class FilesApi:
             )
         filename = (upload.filename or "upload.jsonl")[:MAX_FILENAME]
         return purpose, data, filename
-
-    async def _call(self, work: Coroutine[Any, Any, T]) -> T:
-        """A state-store call: an outage is a 503, never a 500."""
-        try:
-            return await work
-        except StateError:
-            raise state_unavailable() from None

@@ -1,8 +1,8 @@
-"""The Files API's routes (and, next, the Fine-tuning API's), mixed into the Ingress.
+"""The Files and Fine-tuning APIs' routes, mixed into the Ingress.
 
 `serve.ingress` binds every route whose endpoint belongs to a class in the Ingress's MRO,
 routers included with `include_router` too, so these routes live here and the ingress
-module stays the request path. The work is in deployments.api.files.
+module stays the request path. The work is in deployments.api.files and .jobs.
 """
 
 # No `from __future__ import annotations`: FastAPI must resolve `Request` at runtime.
@@ -11,8 +11,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from deployments.api.auth import authenticate
+from deployments.api.auth import authenticate, json_body
 from deployments.api.files import FilesApi
+from deployments.api.jobs import JobsApi, job_object
 from deployments.config.tiered import TieredConfig
 from deployments.tenancy.keys import KeyRings
 
@@ -20,11 +21,12 @@ router = APIRouter()
 
 
 class FineTuningRoutes:
-    """Routes over `self.files`; the Ingress sets it, `keys` and `config`."""
+    """Routes over `self.files` and `self.jobs`; the Ingress sets them, `keys`, `config`."""
 
     keys: KeyRings
     config: TieredConfig
     files: FilesApi
+    jobs: JobsApi
 
     @router.post("/v1/files")
     async def create_file(self, request: Request) -> dict[str, Any]:
@@ -50,3 +52,34 @@ class FineTuningRoutes:
     async def delete_file(self, request: Request, file_id: str) -> dict[str, Any]:
         tenant = authenticate(self.keys, self.config, request)
         return await self.files.delete(tenant.name, file_id)
+
+    # ---- fine-tuning jobs (deployments.api.jobs) -------------------------------------------
+    @router.post("/v1/fine_tuning/jobs")
+    async def create_fine_tuning_job(self, request: Request) -> dict[str, Any]:
+        tenant = authenticate(self.keys, self.config, request)
+        return await self.jobs.create(tenant.name, await json_body(request))
+
+    @router.get("/v1/fine_tuning/jobs")
+    async def list_fine_tuning_jobs(self, request: Request) -> dict[str, Any]:
+        tenant = authenticate(self.keys, self.config, request)
+        return await self.jobs.list(tenant.name, dict(request.query_params))
+
+    @router.get("/v1/fine_tuning/jobs/{job_id}")
+    async def retrieve_fine_tuning_job(self, request: Request, job_id: str) -> dict[str, Any]:
+        tenant = authenticate(self.keys, self.config, request)
+        return job_object(await self.jobs.get(tenant.name, job_id))
+
+    @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+    async def cancel_fine_tuning_job(self, request: Request, job_id: str) -> dict[str, Any]:
+        tenant = authenticate(self.keys, self.config, request)
+        return await self.jobs.cancel(tenant.name, job_id)
+
+    @router.get("/v1/fine_tuning/jobs/{job_id}/events")
+    async def fine_tuning_job_events(self, request: Request, job_id: str) -> dict[str, Any]:
+        tenant = authenticate(self.keys, self.config, request)
+        return await self.jobs.events(tenant.name, job_id, dict(request.query_params))
+
+    @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+    async def fine_tuning_job_checkpoints(self, request: Request, job_id: str) -> dict[str, Any]:
+        tenant = authenticate(self.keys, self.config, request)
+        return await self.jobs.checkpoints(tenant.name, job_id, dict(request.query_params))

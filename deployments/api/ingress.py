@@ -10,7 +10,6 @@ the request ends. A `model` naming a LoRA adapter resolves through the registry
 
 # No `from __future__ import annotations` here: serve.ingress re-creates the route methods
 # elsewhere, where FastAPI could not resolve string annotations such as `Request`.
-import json
 import time
 import uuid
 from collections.abc import Coroutine
@@ -24,7 +23,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.api.adapters import AdapterAdmin
 from deployments.api.admin import require_admin, usage_report
-from deployments.api.auth import authenticate, bearer
+from deployments.api.auth import authenticate, bearer, json_body
 from deployments.api.catalog import ModelCatalog, check_allowed
 from deployments.api.completions import Served, respond
 from deployments.api.conversations import StatefulReads
@@ -37,6 +36,7 @@ from deployments.api.errors import (
 from deployments.api.files import FilesApi
 from deployments.api.finetune_routes import FineTuningRoutes
 from deployments.api.finetune_routes import router as fine_tuning_router
+from deployments.api.jobs import JobsApi
 from deployments.api.limits import (
     admission_unavailable,
     ratelimit_headers,
@@ -57,6 +57,7 @@ from deployments.replicas.requests import GenerateRequest
 from deployments.state.config import resolve_state_spec
 from deployments.state.conversations import ConversationStore
 from deployments.state.errors import StateError
+from deployments.state.jobs import JobStore
 from deployments.state.ledger import Ledger
 from deployments.state.responses import ResponseStore
 from deployments.state.store import StateStore
@@ -81,19 +82,13 @@ def _include_usage(req: OpenAIRequest) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage)
 
 
-async def _json_body(request: Request) -> Any:
-    try:
-        return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise OpenAIError(400, "We could not parse the JSON body of your request.") from None
-
-
 @serve.ingress(app)
 class Ingress(FineTuningRoutes):
     async def __init__(  # type: ignore[misc]  # Serve awaits an async __init__
         self,
         config: dict,
         handles: dict[str, DeploymentHandle],
+        fine_tuning: DeploymentHandle | None = None,
     ) -> None:
         self.config = TieredConfig.model_validate(config)
         self.keys = load_key_rings(self.config)
@@ -120,6 +115,8 @@ class Ingress(FineTuningRoutes):
         self.catalog = ModelCatalog(self.config, self.models, self.store)
         self.adapters = AdapterAdmin(self.catalog, handles, self.config.ingress.request_timeout_s)
         self.files = FilesApi(self.store, self.config.files, self.catalog.prepare)
+        self.fine_tuning = fine_tuning  # the runner (deployments.training.runner)
+        self.jobs = JobsApi(self.config, JobStore(self.store), self.files, self._wake_runner)
         set_body_limit(
             app,
             self.config.ingress.max_body_bytes,
@@ -137,6 +134,11 @@ class Ingress(FineTuningRoutes):
         """Serve's periodic health check doubles as this replica's heartbeat to the
         admission actor. Admission trouble never fails it: the replica holds claims."""
         await self.admission.heartbeat()
+
+    def _wake_runner(self) -> None:
+        """The runner reads the jobs on its own every poll interval; this is sooner."""
+        if self.fine_tuning is not None:
+            self.fine_tuning.wake.remote()
 
     # ---- plain endpoints ------------------------------------------------------------
     @app.get("/health")
@@ -167,12 +169,12 @@ class Ingress(FineTuningRoutes):
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(self, request: Request) -> dict[str, Any]:
         require_admin(self.keys, bearer(request))
-        return await self.adapters.load(await _json_body(request))
+        return await self.adapters.load(await json_body(request))
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(self, request: Request) -> dict[str, Any]:
         require_admin(self.keys, bearer(request))
-        return await self.adapters.unload(await _json_body(request))
+        return await self.adapters.unload(await json_body(request))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -212,7 +214,7 @@ class Ingress(FineTuningRoutes):
     @app.post("/v1/conversations")
     async def create_conversation(self, request: Request) -> dict[str, Any]:
         tenant = self._authenticate(request)
-        body = await _json_body(request)
+        body = await json_body(request)
         return await self._stored(self.reads.create_conversation(tenant, body))
 
     @app.get("/v1/conversations/{conv_id}")
@@ -223,7 +225,7 @@ class Ingress(FineTuningRoutes):
     @app.post("/v1/conversations/{conv_id}")
     async def update_conversation(self, request: Request, conv_id: str) -> dict[str, Any]:
         tenant = self._authenticate(request)
-        body = await _json_body(request)
+        body = await json_body(request)
         return await self._stored(self.reads.update_conversation(tenant, conv_id, body))
 
     @app.delete("/v1/conversations/{conv_id}")
@@ -234,7 +236,7 @@ class Ingress(FineTuningRoutes):
     @app.post("/v1/conversations/{conv_id}/items")
     async def add_conversation_items(self, request: Request, conv_id: str) -> dict[str, Any]:
         tenant = self._authenticate(request)
-        body = await _json_body(request)
+        body = await json_body(request)
         return await self._stored(self.reads.add_items(tenant, conv_id, body))
 
     @app.get("/v1/conversations/{conv_id}/items")
@@ -279,7 +281,7 @@ class Ingress(FineTuningRoutes):
         if blocked is not None:  # still over its limits: answered from the last decision
             raise self._refused(request, blocked, tenant)
         timer = RequestTimer(model="unknown")
-        parsed = await _json_body(request)
+        parsed = await json_body(request)
         if kind == "response":
             turn = parse_responses_request(parsed)
             model = await self._model(request, tenant, turn.model, timer)

@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from deployments.config.fine_tuning import FilesSpec
+from deployments.config.fine_tuning import FilesSpec, FineTuningSpec
 from deployments.config.models import (
     ConfigError,
     ModelSpec,
@@ -79,6 +79,7 @@ class TieredConfig(BaseModel):
         default_factory=FilesSpec,
         description="Uploaded files (the Files API): fsspec root and size limit.",
     )
+    fine_tuning: FineTuningSpec = FineTuningSpec()
 
     @model_validator(mode="after")
     def _cross_references(self) -> TieredConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import posixpath
 import uuid
+from pathlib import Path
 
 import fsspec  # type: ignore[import-untyped]
 
@@ -47,6 +48,20 @@ class BlobStore:
         with self.fs.open(self.path(key), "rb") as source:
             data: bytes = source.read()
         return data
+
+    def put_dir(self, key: str, local: Path) -> None:
+        """Copy the files of a flat local directory (a checkpoint) under `key`."""
+        for child in sorted(local.iterdir()):
+            if child.is_file():
+                self.put(f"{key}/{child.name}", child.read_bytes())
+
+    def get_dir(self, key: str, local: Path) -> Path:
+        """Copy the files under `key` into the local directory `local`."""
+        local.mkdir(parents=True, exist_ok=True)
+        for path in self.fs.ls(self.path(key), detail=False):
+            name = posixpath.basename(str(path).rstrip("/"))
+            (local / name).write_bytes(self.get(f"{key}/{name}"))
+        return local
 
     def delete(self, key: str) -> None:
         """Remove a file or a directory tree; a key already gone is no error."""

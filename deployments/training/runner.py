@@ -1,0 +1,249 @@
+"""The fine-tuning runner: one Serve replica that moves jobs through their states and runs
+each one's training as a Ray task.
+
+Everything it knows is in the state store: it reads the jobs every `poll_interval_s` (or
+at once when the ingress wakes it after a create or a cancel), so a restarted runner
+carries on where the last one stopped. Per tick:
+- `validating_files` jobs are queued (the upload already checked the format; the task
+  reads the files again and fails the job with the reason if they are unusable);
+- queued jobs start, oldest first, while fewer than `max_running_jobs` train: claimed by
+  a conditional update, then one Ray task each, placed by the config's policy
+  (`placement_options`): the base model's shared-pool node type by default, so training
+  never lands on another tenant's reserved nodes, with only the CPUs (or GPUs) the job
+  asks for, which Ray gives only out of capacity no serving replica holds;
+- a cancelled job's task is cancelled (it also stops by itself at its next step);
+- a finished task's outcome is applied. Success registers the adapter
+  `ft:<base>:<tenant>:<suffix>:<job id>` for that tenant alone, then marks the job
+  succeeded, so a succeeded job's model is servable at once (replicas load it on the
+  first request). A lost worker re-queues the job from its last checkpoint, up to
+  `max_attempts` starts;
+- a running job whose runner went silent (no heartbeat for `heartbeat_timeout_s`) is
+  re-queued the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import ray
+from ray import serve
+from ray.exceptions import (
+    NodeDiedError,
+    OwnerDiedError,
+    RayTaskError,
+    TaskCancelledError,
+    WorkerCrashedError,
+)
+
+from deployments.config.tiered import TieredConfig
+from deployments.state.adapters import AdapterExistsError, AdapterRegistry, NewAdapter
+from deployments.state.config import resolve_state_spec
+from deployments.state.errors import StateError
+from deployments.state.jobs import JobStore, StoredJob
+from deployments.state.store import StateStore
+from deployments.training.task import TrainingAssignment, TrainingOutcome, run_training
+from models.default_model import resolve_model_path
+
+log = logging.getLogger(__name__)
+FINE_TUNING_DEPLOYMENT = "fine-tuning"
+LOST = (WorkerCrashedError, NodeDiedError, OwnerDiedError)
+
+
+def fine_tuned_name(job: StoredJob) -> str:
+    return f"ft:{job.model}:{job.tenant}:{job.suffix or ''}:{job.id}"
+
+
+def placement_options(config: TieredConfig, base_model: str) -> dict[str, Any]:
+    """Ray options of one training task: the resources it asks and the node type it pins."""
+    ft = config.fine_tuning
+    resource = ft.node_type_resource
+    if resource is None:
+        spec = next(m for m in config.models if m.name == base_model)
+        resource = spec.shared_pool.node_type_resource
+    options: dict[str, Any] = {
+        "num_cpus": ft.num_cpus,
+        "num_gpus": ft.num_gpus,
+        "max_retries": 0,  # the runner resumes from a checkpoint instead
+        "name": "fine-tuning-task",
+    }
+    if resource is not None:
+        options["resources"] = {resource: 0.001}
+    return options
+
+
+class FineTuningRunner:
+    async def __init__(self, config: dict[str, Any]) -> None:  # type: ignore[misc]
+        self.config = TieredConfig.model_validate(config)
+        self.spec = self.config.fine_tuning
+        self.store = StateStore.connect(resolve_state_spec(self.config.state))
+        self.jobs = JobStore(self.store)
+        self.registry = AdapterRegistry(self.store)
+        self.owner = serve.get_replica_context().replica_id.unique_id
+        self.running: dict[str, ray.ObjectRef] = {}
+        self._cancelled: set[str] = set()  # running jobs whose task was cancelled
+        self._wake = asyncio.Event()
+        self._ready = False
+        self._loop = asyncio.create_task(self._run())
+
+    async def check_health(self) -> None:
+        if self._loop.done():
+            raise RuntimeError("the fine-tuning runner's loop stopped")
+
+    async def wake(self) -> None:
+        """Look at the jobs now (the ingress created or cancelled one)."""
+        self._wake.set()
+
+    async def running_jobs(self) -> list[str]:
+        return sorted(self.running)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                if not self._ready:
+                    await self.store.prepare()
+                    self._ready = True
+                await self.tick()
+            except StateError as exc:
+                log.warning("fine-tuning runner: state store unavailable: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.spec.poll_interval_s)
+            self._wake.clear()
+
+    async def tick(self) -> None:
+        now = datetime.now(UTC)
+        for job_id, ref in list(self.running.items()):
+            ready, _ = ray.wait([ref], timeout=0)
+            if ready:
+                del self.running[job_id]
+                self._cancelled.discard(job_id)
+                await self._finish(job_id, ref)
+        for job in await self.jobs.with_status("validating_files"):
+            if await self.jobs.transition(job.id, "queued", ("validating_files",)):
+                await self.jobs.add_event(job, now, "Files validated; the job is queued")
+        stale = now - timedelta(seconds=self.spec.heartbeat_timeout_s)
+        for job_id, ref in self.running.items():
+            mine = await self.jobs.get(None, job_id)
+            if mine is not None and mine.status == "cancelled" and job_id not in self._cancelled:
+                ray.cancel(ref, force=True)
+                self._cancelled.add(job_id)
+        for job in await self.jobs.with_status("running"):
+            if job.id not in self.running and (
+                job.heartbeat_at is None or job.heartbeat_at < stale
+            ):
+                await self._requeue(job, now, "its runner stopped")
+        for job in await self.jobs.with_status("queued"):
+            if len(self.running) >= self.spec.max_running_jobs:
+                break
+            await self._start(job, now)
+
+    async def _start(self, job: StoredJob, now: datetime) -> None:
+        claimed = await self.jobs.transition(
+            job.id,
+            "running",
+            ("queued",),
+            owner=self.owner,
+            heartbeat_at=now,
+            attempts=job.attempts + 1,
+        )
+        if not claimed:
+            return
+        model = next(m for m in self.config.models if m.name == job.model)
+        assignment = TrainingAssignment(
+            job=job,
+            state=resolve_state_spec(self.config.state),
+            files=self.config.files,
+            model_path=str(resolve_model_path(model.path)),
+            lora=self.spec.lora,
+            base_learning_rate=self.spec.base_learning_rate,
+            max_seq_len=self.spec.max_seq_len,
+        )
+        task = ray.remote(run_training).options(**placement_options(self.config, job.model))
+        self.running[job.id] = task.remote(assignment)
+        await self.jobs.add_event(job, now, f"Training started (attempt {job.attempts + 1})")
+
+    async def _finish(self, job_id: str, ref: ray.ObjectRef) -> None:
+        now = datetime.now(UTC)
+        job = await self.jobs.get(None, job_id)
+        if job is None:
+            return
+        try:
+            outcome: TrainingOutcome = await ref
+        except TaskCancelledError:
+            await self.jobs.add_event(job, now, "The job was cancelled")
+            return
+        except LOST as exc:
+            await self._requeue(job, now, f"its training worker was lost ({type(exc).__name__})")
+            return
+        except RayTaskError as exc:
+            log.error("fine-tuning job %s failed in training: %s", job.id, exc)
+            error = {
+                "code": "training_error",
+                "message": "Training failed on the server; "
+                f"{type(exc.cause).__name__ if exc.cause else 'error'}.",
+                "param": None,
+            }
+            await self._end(job, now, "failed", error=error)
+            return
+        if outcome.status == "cancelled":
+            await self.jobs.update(job.id, trained_tokens=outcome.trained_tokens)
+            await self.jobs.add_event(job, now, "The job was cancelled")
+        elif outcome.status == "failed":
+            await self._end(job, now, "failed", error=outcome.error)
+        else:
+            await self._succeed(job, now, outcome)
+
+    async def _succeed(self, job: StoredJob, now: datetime, outcome: TrainingOutcome) -> None:
+        assert outcome.adapter_path is not None
+        name = fine_tuned_name(job)
+        new = NewAdapter(name, job.model, outcome.adapter_path, (job.tenant,))
+        try:
+            await self.registry.activate(await self.registry.reserve(new, "fine_tune"))
+        except AdapterExistsError:  # a runner that died after registering, before the end
+            log.info("fine-tuned model %s was registered already", name)
+        done = await self._end(
+            job,
+            now,
+            "succeeded",
+            fine_tuned_model=name,
+            trained_tokens=outcome.trained_tokens,
+            result_files=[outcome.result_file] if outcome.result_file else [],
+        )
+        if not done:  # cancelled while finishing: nobody gets the model
+            await self.registry.unload(name)
+
+    async def _end(self, job: StoredJob, now: datetime, status: Any, **values: Any) -> bool:
+        ended = await self.jobs.transition(
+            job.id, status, ("running",), finished_at=now, owner=None, **values
+        )
+        if ended:
+            level = "info" if status == "succeeded" else "error"
+            message = (
+                f"The job has successfully completed: {values.get('fine_tuned_model')}"
+                if status == "succeeded"
+                else f"The job failed: {(values.get('error') or {}).get('message')}"
+            )
+            await self.jobs.add_event(job, now, message, level=level)
+        return ended
+
+    async def _requeue(self, job: StoredJob, now: datetime, why: str) -> None:
+        """Resume a running job from its last checkpoint, or fail it after max_attempts."""
+        if job.attempts >= self.spec.max_attempts:
+            error = {
+                "code": "training_interrupted",
+                "param": None,
+                "message": f"Training stopped {job.attempts} times; last: {why}.",
+            }
+            await self._end(job, now, "failed", error=error)
+            return
+        if await self.jobs.transition(job.id, "queued", ("running",), owner=None):
+            point = job.resume_from.rsplit("/", 1)[-1] if job.resume_from else "the start"
+            await self.jobs.add_event(
+                job,
+                now,
+                f"Training was interrupted ({why}); resuming from {point}",
+                level="warn",
+            )
