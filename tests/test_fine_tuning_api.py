@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +42,7 @@ QUESTIONS = [f"Question number {i}: what does the keeper do?" for i in range(8)]
 N_EPOCHS, BATCH = 6, 4  # 12 steps
 MAX_SEQ_LEN = 96
 TOL = 1e-4  # as tests/test_lora_reference.py
+MAX_ACTIVE = 2
 
 
 def _config(model_dir: Path, files_root: Path) -> TieredConfig:
@@ -58,7 +61,8 @@ def _config(model_dir: Path, files_root: Path) -> TieredConfig:
             "state": {"url": f"sqlite+aiosqlite:///{state_dir() / 'ft.db'}"},
             "files": {"root": str(files_root)},
             "fine_tuning": {"base_learning_rate": 1e-3, "max_seq_len": MAX_SEQ_LEN,
-                            "poll_interval_s": 0.2, "lora": {"r": 8, "alpha": 16}},
+                            "poll_interval_s": 0.2, "lora": {"r": 8, "alpha": 16},
+                            "max_active_jobs_per_tenant": MAX_ACTIVE},
         }
     )  # fmt: skip
 
@@ -194,6 +198,84 @@ def test_a_job_trains_the_tenants_model_and_serves_it(
     assert max(abs(a - b) for a, b in zip(served_top, peft_top, strict=True)) <= TOL
     peft_text = tokenizer.decode(reference.greedy("ft", ids, 8))
     assert resp.choices[0].message.content == peft_text
+
+    # Deleting the model: only its tenant may, and then it is gone for every request.
+    with pytest.raises(openai.NotFoundError):
+        other.models.delete(name)
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        c.models.delete(MODEL)
+    assert denied.value.body["code"] == "model_not_deletable"
+    deleted = c.models.delete(name)
+    assert (deleted.id, deleted.deleted) == (name, True)
+    assert name not in {m.id for m in c.models.list()}
+    with pytest.raises(openai.NotFoundError):
+        greedy(c, name, QUESTIONS[0])
+    with pytest.raises(openai.NotFoundError):
+        c.models.delete(name)
+    assert c.fine_tuning.jobs.retrieve(job.id).fine_tuned_model == name  # the job stays
+
+
+def test_killing_the_training_worker_resumes_from_the_last_checkpoint(
+    root: str, tiny_model_dir: Path
+) -> None:
+    from ray.util.state import list_tasks
+
+    c = client(root)
+    epochs, batch = 30, 2
+    job = c.fine_tuning.jobs.create(
+        model=MODEL, training_file=upload(c, training_jsonl()),
+        hyperparameters={"n_epochs": epochs, "batch_size": batch},
+    )  # fmt: skip
+    wait_for(
+        c, job.id,
+        lambda j: j.status == "running" and bool(list(c.fine_tuning.jobs.checkpoints.list(j.id))),
+        timeout_s=180,
+    )  # fmt: skip
+    filters = [("name", "=", "fine-tuning-task"), ("state", "=", "RUNNING")]
+    deadline = time.monotonic() + 30  # the state API hears of tasks a moment late
+    while not (running := [t for t in list_tasks(filters=filters) if t.worker_pid]):
+        assert time.monotonic() < deadline, list_tasks(filters=[("state", "=", "RUNNING")])
+        time.sleep(0.5)
+    assert len(running) == 1, running
+    assert c.fine_tuning.jobs.retrieve(job.id).status == "running"  # killed mid-run
+    os.kill(running[0].worker_pid, signal.SIGKILL)
+
+    done = wait_for(c, job.id, finished, timeout_s=300)
+    assert done.status == "succeeded", done.error
+    messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=100)]
+    interrupted = [m for m in messages if m.startswith("Training was interrupted")]
+    assert len(interrupted) == 1 and "WorkerCrashedError" in interrupted[0]
+    resumed_at = interrupted[0].rsplit("resuming from ", 1)[1]
+    steps = {k.step_number for k in c.fine_tuning.jobs.checkpoints.list(job.id)}
+    assert resumed_at.startswith("checkpoint-") and int(resumed_at.split("-")[1]) in steps
+    assert f"Resuming from checkpoint {resumed_at}" in messages
+    assert "Training started (attempt 2)" in messages
+    total = epochs * math.ceil(len(QUESTIONS) / batch)
+    assert steps == {total // epochs * e for e in range(1, epochs + 1)}
+    tokenizer = Tokenizer.from_pretrained(tiny_model_dir)
+    per_epoch = sum(
+        len(encode_example(tokenizer, e).ids) for e in parse_chat_jsonl(training_jsonl().encode())
+    )
+    assert done.trained_tokens == epochs * per_epoch
+    csv = c.files.content(done.result_files[0]).text.splitlines()
+    assert [int(line.split(",")[0]) for line in csv[1:]] == list(range(1, total + 1))
+
+
+def test_a_tenant_may_have_only_so_many_active_jobs(root: str) -> None:
+    c = client(root, "initech")
+    file_id = upload(c, training_jsonl())
+    hp = {"n_epochs": 50, "batch_size": 1}
+    jobs = [c.fine_tuning.jobs.create(model=MODEL, training_file=file_id, hyperparameters=hp)
+            for _ in range(MAX_ACTIVE)]  # fmt: skip
+    with pytest.raises(openai.RateLimitError) as err:
+        c.fine_tuning.jobs.create(model=MODEL, training_file=file_id)
+    assert err.value.body["code"] == "too_many_active_jobs"
+    for job in jobs:
+        assert c.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+    listed = [j.id for j in c.fine_tuning.jobs.list(limit=MAX_ACTIVE)]
+    assert listed == [j.id for j in reversed(jobs)]  # newest first
+    again = c.fine_tuning.jobs.create(model=MODEL, training_file=file_id)
+    assert c.fine_tuning.jobs.cancel(again.id).status == "cancelled"
 
 
 def test_a_file_unusable_in_training_fails_the_job_with_the_reason(root: str) -> None:

@@ -1,4 +1,5 @@
-"""The Files and Fine-tuning APIs' routes, mixed into the Ingress.
+"""The Files and Fine-tuning APIs' routes (and deleting a fine-tuned model), mixed into the
+Ingress.
 
 `serve.ingress` binds every route whose endpoint belongs to a class in the Ingress's MRO,
 routers included with `include_router` too, so these routes live here and the ingress
@@ -12,7 +13,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from deployments.api.auth import authenticate, json_body
+from deployments.api.catalog import ModelCatalog
 from deployments.api.files import FilesApi
+from deployments.api.ft_models import delete_fine_tuned_model
 from deployments.api.jobs import JobsApi, job_object
 from deployments.config.tiered import TieredConfig
 from deployments.tenancy.keys import KeyRings
@@ -21,12 +24,13 @@ router = APIRouter()
 
 
 class FineTuningRoutes:
-    """Routes over `self.files` and `self.jobs`; the Ingress sets them, `keys`, `config`."""
+    """Routes over `files`, `jobs` and `catalog`; the Ingress sets them, `keys`, `config`."""
 
     keys: KeyRings
     config: TieredConfig
     files: FilesApi
     jobs: JobsApi
+    catalog: ModelCatalog
 
     @router.post("/v1/files")
     async def create_file(self, request: Request) -> dict[str, Any]:
@@ -83,3 +87,8 @@ class FineTuningRoutes:
     async def fine_tuning_job_checkpoints(self, request: Request, job_id: str) -> dict[str, Any]:
         tenant = authenticate(self.keys, self.config, request)
         return await self.jobs.checkpoints(tenant.name, job_id, dict(request.query_params))
+
+    @router.delete("/v1/models/{model_id:path}")
+    async def delete_model(self, request: Request, model_id: str) -> dict[str, Any]:
+        tenant = authenticate(self.keys, self.config, request)
+        return await delete_fine_tuned_model(self.catalog, tenant, model_id)

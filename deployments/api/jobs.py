@@ -171,6 +171,14 @@ class JobsApi:
                 param="model",
                 code="model_not_fine_tunable",
             )
+        limit = self.config.fine_tuning.max_active_jobs_per_tenant
+        if await state_call(self.jobs.count_active(tenant)) >= limit:
+            raise OpenAIError(
+                429,
+                f"You have {limit} fine-tuning jobs that have not finished, the most a tenant "
+                "may have at once; wait for one to finish or cancel one.",
+                code="too_many_active_jobs",
+            )
         training = await self._file(tenant, req.training_file, "training_file")
         if req.validation_file is not None:
             await self._file(tenant, req.validation_file, "validation_file")

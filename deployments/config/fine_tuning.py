@@ -70,6 +70,9 @@ class FineTuningSpec(BaseModel):
         "model's shared pool's, so training never lands on a tenant's reserved nodes.",
     )
     max_running_jobs: int = Field(1, ge=0, description="Jobs training at once, cluster-wide.")
+    max_active_jobs_per_tenant: int = Field(
+        4, ge=1, description="A tenant's jobs not yet ended; one more is a 429."
+    )
     max_attempts: int = Field(3, ge=1, description="Starts of one job (resumes included).")
     poll_interval_s: float = Field(1.0, gt=0, description="How often the runner reads jobs.")
     heartbeat_timeout_s: float = Field(

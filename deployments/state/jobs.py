@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Literal, cast
 
-from sqlalchemy import Row, Select, Table, insert, select, update
+from sqlalchemy import Row, Select, Table, func, insert, select, update
 
 from deployments.state.schema import FineTuningCheckpointRow, FineTuningEventRow, FineTuningJobRow
 from deployments.state.store import StateStore
@@ -144,6 +144,14 @@ class JobStore:
                 stmt = stmt.order_by(c.created_at.desc(), c.id.desc()).limit(limit + 1)
                 rows = (await conn.execute(stmt)).all()
         return [_job(r) for r in rows[:limit]], len(rows) > limit
+
+    async def count_active(self, tenant: str) -> int:
+        """The tenant's jobs not yet ended (its concurrency, for the per-tenant limit)."""
+        c = JOBS.c
+        stmt = select(func.count()).where(c.tenant == tenant, c.status.in_(ACTIVE))
+        with unavailable(self.store):
+            async with self.store.engine.connect() as conn:
+                return int((await conn.execute(stmt)).scalar_one())
 
     async def with_status(self, *statuses: Status) -> list[StoredJob]:
         """Jobs in these states, oldest first (the runner's queue)."""

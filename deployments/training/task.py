@@ -102,12 +102,13 @@ def _invalid(file_id: str, param: str, exc: Exception) -> dict[str, Any]:
     }
 
 
-def _metrics_csv(steps: list[StepReport]) -> bytes:
+def _metrics_csv(steps: dict[int, dict[str, Any]]) -> bytes:
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["step", "epoch", "train_loss", "trained_tokens"])
-    for s in steps:
-        writer.writerow([s.step, s.epoch, f"{s.train_loss:.6f}", s.trained_tokens])
+    for step in sorted(steps):
+        s = steps[step]
+        writer.writerow([step, s["epoch"], f"{s['train_loss']:.6f}", s["trained_tokens"]])
     return out.getvalue().encode()
 
 
@@ -116,7 +117,6 @@ class TrainingRun:
         self.a, self.rep = a, reporter
         self.job = a.job
         self.blobs = BlobStore(a.files.root)
-        self.steps: list[StepReport] = []
 
     def _read(self, file_id: str) -> bytes:
         stored = self.rep.call(self.rep.files.get(self.job.tenant, file_id))
@@ -172,12 +172,12 @@ class TrainingRun:
         )
 
     def _on_step(self, report: StepReport) -> bool:
-        self.steps.append(report)
         data = {
             "step": report.step,
             "train_loss": report.train_loss,
             "total_steps": report.total_steps,
             "epoch": report.epoch,
+            "trained_tokens": report.trained_tokens,
         }
         self.rep.event(
             f"Step {report.step}/{report.total_steps}: training loss={report.train_loss:.4f}",
@@ -207,8 +207,15 @@ class TrainingRun:
         self.rep.event(f"Checkpoint created at step {saved.step}", data=metrics)
 
     def _result_file(self) -> str:
+        """step_metrics.csv from the job's metrics events: every attempt's, a step
+        replayed after a resume counted once (its last run)."""
+        events, _ = self.rep.call(self.rep.jobs.events(self.job.tenant, self.job.id, None, 10**6))
+        steps: dict[int, dict[str, Any]] = {}
+        for event in reversed(events):  # oldest first: a replayed step's last run wins
+            if event.type == "metrics" and event.data is not None:
+                steps[int(event.data["step"])] = event.data
         file_id = "file-" + uuid.uuid4().hex[:24]
-        data = _metrics_csv(self.steps)
+        data = _metrics_csv(steps)
         stored = StoredFile(
             id=file_id,
             tenant=self.job.tenant,
