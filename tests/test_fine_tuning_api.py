@@ -32,10 +32,13 @@ from models.chat_data import parse_chat_jsonl
 from models.finetune import encode_example
 from models.tokenizer import Tokenizer
 from tests.lora_adapters import PeftReference
+from tests.serve_helpers import wait_for_usage
 
 pytest.importorskip("peft")
 
 KEYS = {t: f"tk-ft-{t}" for t in ("globex", "initech")}
+ADMIN_KEY = "tk-ft-admin"
+TRAINING_PRICE = 3.0  # per 1M trained tokens
 MODEL = "tiny-llama"
 REPLY = "The lighthouse keeper sleeps at noon."
 QUESTIONS = [f"Question number {i}: what does the keeper do?" for i in range(8)]
@@ -57,8 +60,11 @@ def _config(model_dir: Path, files_root: Path) -> TieredConfig:
                  "shared_pool": {"num_replicas": 0}},
             ],
             "tenants": [{"name": t, "api_key_hashes": [hash_key(k)]} for t, k in KEYS.items()],
+            "admin_key_hashes": [hash_key(ADMIN_KEY)],
             "ingress": {"num_replicas": 1},
             "state": {"url": f"sqlite+aiosqlite:///{state_dir() / 'ft.db'}"},
+            "prices": {"tokens": [{"model": MODEL, "tier": "training",
+                                   "input_per_1m": TRAINING_PRICE, "output_per_1m": 0}]},
             "files": {"root": str(files_root)},
             "fine_tuning": {"base_learning_rate": 1e-3, "max_seq_len": MAX_SEQ_LEN,
                             "poll_interval_s": 0.2, "lora": {"r": 8, "alpha": 16},
@@ -148,6 +154,19 @@ def test_a_job_trains_the_tenants_model_and_serves_it(
         len(encode_example(tokenizer, e).ids) for e in parse_chat_jsonl(training_jsonl().encode())
     )
     assert done.trained_tokens == N_EPOCHS * per_epoch
+
+    # Metering: the trained tokens are one ledger row of tier "training", at its price.
+    def billed(report: dict[str, Any]) -> bool:
+        return any(r["key"] == {"tenant": "globex", "tier": "training"} for r in report["rows"])
+
+    report = wait_for_usage(root, ADMIN_KEY, billed, group_by="tenant,tier")
+    row = next(r for r in report["rows"] if r["key"] == {"tenant": "globex", "tier": "training"})
+    assert (row["requests"], row["prompt_tokens"], row["completion_tokens"]) == (
+        1,
+        done.trained_tokens,
+        0,
+    )
+    assert row["cost"] == pytest.approx(done.trained_tokens * TRAINING_PRICE / 1e6, abs=1e-6)
 
     # Events: one metrics event per step, the loss fell; statuses went through OpenAI's.
     events = list(c.fine_tuning.jobs.list_events(job.id, limit=100))

@@ -12,7 +12,8 @@ carries on where the last one stopped. Per tick:
   never lands on another tenant's reserved nodes, with only the CPUs (or GPUs) the job
   asks for, which Ray gives only out of capacity no serving replica holds;
 - a cancelled job's task is cancelled (it also stops by itself at its next step);
-- a finished task's outcome is applied. Success registers the adapter
+- a finished task's outcome is applied: its trained tokens go to the ledger first (tier
+  "training", priced by `prices.tokens` entries with that tier). Success registers the adapter
   `ft:<base>:<tenant>:<suffix>:<job id>` for that tenant alone, then marks the job
   succeeded, so a succeeded job's model is servable at once (replicas load it on the
   first request). A lost worker re-queues the job from its last checkpoint, up to
@@ -44,13 +45,22 @@ from deployments.state.adapters import AdapterExistsError, AdapterRegistry, NewA
 from deployments.state.config import resolve_state_spec
 from deployments.state.errors import StateError
 from deployments.state.jobs import JobStore, StoredJob
+from deployments.state.ledger import Ledger
 from deployments.state.store import StateStore
+from deployments.state.stored import unavailable
+from deployments.tenancy.types import UsageRecord, UsageStatus
 from deployments.training.task import TrainingAssignment, TrainingOutcome, run_training
 from models.default_model import resolve_model_path
 
 log = logging.getLogger(__name__)
 FINE_TUNING_DEPLOYMENT = "fine-tuning"
 LOST = (WorkerCrashedError, NodeDiedError, OwnerDiedError)
+# A job's end as its ledger row's status (a cancel is the client's, like a disconnect).
+BILLED_STATUS: dict[str, UsageStatus] = {
+    "succeeded": "ok",
+    "failed": "error",
+    "cancelled": "client_disconnect",
+}
 
 
 def fine_tuned_name(job: StoredJob) -> str:
@@ -82,6 +92,7 @@ class FineTuningRunner:
         self.store = StateStore.connect(resolve_state_spec(self.config.state))
         self.jobs = JobStore(self.store)
         self.registry = AdapterRegistry(self.store)
+        self.ledger = Ledger(self.store)
         self.owner = serve.get_replica_context().replica_id.unique_id
         self.running: dict[str, ray.ObjectRef] = {}
         self._cancelled: set[str] = set()  # running jobs whose task was cancelled
@@ -172,7 +183,8 @@ class FineTuningRunner:
             return
         try:
             outcome: TrainingOutcome = await ref
-        except TaskCancelledError:
+        except TaskCancelledError:  # force-cancelled: bill the tokens its steps reported
+            await self._bill(job, now, "cancelled", job.trained_tokens or 0)
             await self.jobs.add_event(job, now, "The job was cancelled")
             return
         except LOST as exc:
@@ -180,6 +192,7 @@ class FineTuningRunner:
             return
         except RayTaskError as exc:
             log.error("fine-tuning job %s failed in training: %s", job.id, exc)
+            await self._bill(job, now, "failed", job.trained_tokens or 0)
             error = {
                 "code": "training_error",
                 "message": "Training failed on the server; "
@@ -188,6 +201,7 @@ class FineTuningRunner:
             }
             await self._end(job, now, "failed", error=error)
             return
+        await self._bill(job, now, outcome.status, outcome.trained_tokens)
         if outcome.status == "cancelled":
             await self.jobs.update(job.id, trained_tokens=outcome.trained_tokens)
             await self.jobs.add_event(job, now, "The job was cancelled")
@@ -195,6 +209,26 @@ class FineTuningRunner:
             await self._end(job, now, "failed", error=outcome.error)
         else:
             await self._succeed(job, now, outcome)
+
+    async def _bill(self, job: StoredJob, now: datetime, status: str, tokens: int) -> None:
+        """The trained tokens as one ledger row (tier "training", keyed by the job id, so
+        a finish applied twice bills once), written before the job's status changes."""
+        record = UsageRecord(
+            request_id=job.id,
+            tenant=job.tenant,
+            model=job.model,
+            tier="training",
+            spill=False,
+            prompt_tokens=tokens,
+            cached_tokens=0,
+            completion_tokens=0,
+            started_at=job.created_at.timestamp(),
+            ended_at=now.timestamp(),
+            status=BILLED_STATUS[status],
+            adapter=fine_tuned_name(job) if status == "succeeded" else None,
+        )
+        with unavailable(self.store):
+            await self.ledger.write([record])
 
     async def _succeed(self, job: StoredJob, now: datetime, outcome: TrainingOutcome) -> None:
         assert outcome.adapter_path is not None
