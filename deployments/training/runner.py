@@ -54,6 +54,7 @@ from models.default_model import resolve_model_path
 
 log = logging.getLogger(__name__)
 FINE_TUNING_DEPLOYMENT = "fine-tuning"
+TASK_NAME = "fine-tuning-task"
 LOST = (WorkerCrashedError, NodeDiedError, OwnerDiedError)
 # A job's end as its ledger row's status (a cancel is the client's, like a disconnect).
 BILLED_STATUS: dict[str, UsageStatus] = {
@@ -67,18 +68,25 @@ def fine_tuned_name(job: StoredJob) -> str:
     return f"ft:{job.model}:{job.tenant}:{job.suffix or ''}:{job.id}"
 
 
-def placement_options(config: TieredConfig, base_model: str) -> dict[str, Any]:
-    """Ray options of one training task: the resources it asks and the node type it pins."""
+def placement_options(config: TieredConfig, job: StoredJob) -> dict[str, Any]:
+    """Ray options of one job's training task: the resources it asks and the node type it
+    is pinned to. The policy: a dedicated tenant that opted in (`dedicated.
+    fine_tune_on_reservation`) trains its own model's jobs on its reserved node type;
+    every other job goes to `fine_tuning.node_type_resource`, by default the base model's
+    shared-pool node type; never to another tenant's reservation."""
     ft = config.fine_tuning
-    resource = ft.node_type_resource
-    if resource is None:
-        spec = next(m for m in config.models if m.name == base_model)
-        resource = spec.shared_pool.node_type_resource
+    tenant = config.tenant(job.tenant)
+    dedicated = tenant.dedicated if tenant is not None else None
+    if dedicated and dedicated.fine_tune_on_reservation and dedicated.model == job.model:
+        resource = dedicated.replica.node_type_resource
+    else:
+        spec = next(m for m in config.models if m.name == job.model)
+        resource = ft.node_type_resource or spec.shared_pool.node_type_resource
     options: dict[str, Any] = {
         "num_cpus": ft.num_cpus,
         "num_gpus": ft.num_gpus,
         "max_retries": 0,  # the runner resumes from a checkpoint instead
-        "name": "fine-tuning-task",
+        "name": TASK_NAME,
     }
     if resource is not None:
         options["resources"] = {resource: 0.001}
@@ -172,7 +180,7 @@ class FineTuningRunner:
             base_learning_rate=self.spec.base_learning_rate,
             max_seq_len=self.spec.max_seq_len,
         )
-        task = ray.remote(run_training).options(**placement_options(self.config, job.model))
+        task = ray.remote(run_training).options(**placement_options(self.config, job))
         self.running[job.id] = task.remote(assignment)
         await self.jobs.add_event(job, now, f"Training started (attempt {job.attempts + 1})")
 
