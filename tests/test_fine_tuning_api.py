@@ -127,9 +127,11 @@ def test_a_job_trains_the_tenants_model_and_serves_it(
 ) -> None:
     c = client(root)
     training_file = upload(c, training_jsonl())
+    validation_file = upload(c, "".join(training_jsonl().splitlines(keepends=True)[:2]))
     job = c.fine_tuning.jobs.create(
         model=MODEL,
         training_file=training_file,
+        validation_file=validation_file,
         suffix="keeper",
         seed=11,
         hyperparameters={"n_epochs": N_EPOCHS, "batch_size": BATCH,
@@ -181,6 +183,8 @@ def test_a_job_trains_the_tenants_model_and_serves_it(
     per = total // N_EPOCHS
     assert [k.step_number for k in checkpoints] == [per * e for e in range(N_EPOCHS, 0, -1)]
     assert checkpoints[0].fine_tuning_job_id == job.id
+    valid = [k.metrics.valid_loss for k in checkpoints]  # newest first
+    assert all(v is not None for v in valid) and valid[0] < 0.2 * valid[-1], valid
     assert checkpoints[0].metrics.train_loss == pytest.approx(steps[-1][1] / 2 + steps[-2][1] / 2)
     assert len(done.result_files) == 1
     csv = c.files.content(done.result_files[0]).text.splitlines()
