@@ -75,6 +75,12 @@ class FineTuningSpec(BaseModel):
     )
     max_attempts: int = Field(3, ge=1, description="Starts of one job (resumes included).")
     poll_interval_s: float = Field(1.0, gt=0, description="How often the runner reads jobs.")
+    yield_after_s: float = Field(
+        5.0,
+        ge=0,
+        description="A Serve replica waiting this long for resources stops training "
+        "(resumed from its checkpoint later); 0: training never yields.",
+    )
     heartbeat_timeout_s: float = Field(
         60.0, gt=0, description="A running job silent this long lost its runner: resumed."
     )

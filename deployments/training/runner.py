@@ -19,7 +19,11 @@ carries on where the last one stopped. Per tick:
   first request). A lost worker re-queues the job from its last checkpoint, up to
   `max_attempts` starts;
 - a running job whose runner went silent (no heartbeat for `heartbeat_timeout_s`) is
-  re-queued the same way.
+  re-queued the same way;
+- serving comes first: when a Serve replica (or its placement group) has waited
+  `yield_after_s` for resources, every training task is stopped and its job queued again
+  (resuming from its last checkpoint, not counted as an attempt), and no job starts while
+  serving waits. Ray then places the replica in the capacity the tasks held.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from ray.exceptions import (
     TaskCancelledError,
     WorkerCrashedError,
 )
+from ray.util.state import list_actors, list_placement_groups
 
 from deployments.config.tiered import TieredConfig
 from deployments.state.adapters import AdapterExistsError, AdapterRegistry, NewAdapter
@@ -55,6 +60,8 @@ from models.default_model import resolve_model_path
 log = logging.getLogger(__name__)
 FINE_TUNING_DEPLOYMENT = "fine-tuning"
 TASK_NAME = "fine-tuning-task"
+SERVE_REPLICA_CLASS = "ServeReplica:"  # Serve's replica actors' class names
+SERVE_REPLICA_NAME = "SERVE_REPLICA::"  # and their (placement groups') names
 LOST = (WorkerCrashedError, NodeDiedError, OwnerDiedError)
 # A job's end as its ledger row's status (a cancel is the client's, like a disconnect).
 BILLED_STATUS: dict[str, UsageStatus] = {
@@ -93,6 +100,16 @@ def placement_options(config: TieredConfig, job: StoredJob) -> dict[str, Any]:
     return options
 
 
+def serving_waits() -> int:
+    """Serve replicas waiting for resources now: replica actors pending creation and
+    placement groups (a replica's TP bundles) pending, from Ray's state API."""
+    actors = list_actors(filters=[("state", "=", "PENDING_CREATION")], timeout=10)
+    groups = list_placement_groups(filters=[("state", "=", "PENDING")], timeout=10)
+    replicas = [a for a in actors if (a.class_name or "").startswith(SERVE_REPLICA_CLASS)]
+    bundles = [g for g in groups if (g.name or "").startswith(SERVE_REPLICA_NAME)]
+    return len(replicas) + len(bundles)
+
+
 class FineTuningRunner:
     async def __init__(self, config: dict[str, Any]) -> None:  # type: ignore[misc]
         self.config = TieredConfig.model_validate(config)
@@ -104,6 +121,8 @@ class FineTuningRunner:
         self.owner = serve.get_replica_context().replica_id.unique_id
         self.running: dict[str, ray.ObjectRef] = {}
         self._cancelled: set[str] = set()  # running jobs whose task was cancelled
+        self._preempted: set[str] = set()  # tasks stopped so serving gets their capacity
+        self._waiting_since: datetime | None = None  # serving has waited for capacity since
         self._wake = asyncio.Event()
         self._ready = False
         self._loop = asyncio.create_task(self._run())
@@ -154,10 +173,48 @@ class FineTuningRunner:
                 job.heartbeat_at is None or job.heartbeat_at < stale
             ):
                 await self._requeue(job, now, "its runner stopped")
-        for job in await self.jobs.with_status("queued"):
+        queued = await self.jobs.with_status("queued")
+        if (self.running or queued) and await self._serving_starved(now):
+            for job_id in list(self.running):
+                if job_id not in self._preempted:
+                    await self._preempt(job_id, now)
+            return  # nothing starts while serving waits
+        for job in queued:
             if len(self.running) >= self.spec.max_running_jobs:
                 break
             await self._start(job, now)
+
+    async def _serving_starved(self, now: datetime) -> bool:
+        """Whether serving has waited `yield_after_s` for capacity (a Serve replica or its
+        placement group pending): then training yields it. Off when yield_after_s is 0."""
+        if not self.spec.yield_after_s:
+            return False
+        waiting = await asyncio.to_thread(serving_waits)
+        if not waiting:
+            self._waiting_since = None
+            return False
+        self._waiting_since = self._waiting_since or now
+        return (now - self._waiting_since).total_seconds() >= self.spec.yield_after_s
+
+    async def _preempt(self, job_id: str, now: datetime) -> None:
+        """Stop a running task for serving's sake: the job is queued again (this start is
+        not counted against max_attempts) and resumes from its last checkpoint."""
+        job = await self.jobs.get(None, job_id)
+        if job is None or job.status != "running":
+            return
+        if await self.jobs.transition(
+            job.id, "queued", ("running",), owner=None, attempts=max(job.attempts - 1, 0)
+        ):
+            self._preempted.add(job_id)
+            ray.cancel(self.running[job_id], force=True)
+            point = job.resume_from.rsplit("/", 1)[-1] if job.resume_from else "the start"
+            await self.jobs.add_event(
+                job,
+                now,
+                "Training paused: serving needs the capacity; it resumes from "
+                f"{point} once serving has what it needs",
+                level="warn",
+            )
 
     async def _start(self, job: StoredJob, now: datetime) -> None:
         claimed = await self.jobs.transition(
@@ -187,6 +244,11 @@ class FineTuningRunner:
     async def _finish(self, job_id: str, ref: ray.ObjectRef) -> None:
         now = datetime.now(UTC)
         job = await self.jobs.get(None, job_id)
+        if job_id in self._preempted:  # queued again already; its outcome is void
+            self._preempted.discard(job_id)
+            with contextlib.suppress(Exception):
+                await ref  # a task that finished before the cancel: its steps replay
+            return
         if job is None:
             return
         try:
