@@ -3,8 +3,8 @@
 `serve run deployments.app:build config=my.yaml` or `tiered serve` (whose default is
 deployments/config/serve-default.yaml, shipped in the package).
 It deploys every model server of the plan (a shared pool per model, a private copy per
-dedicated tenant, pinned by its node-type resource when set) and the ingress, which
-receives a handle to each, keyed by pool.
+dedicated tenant, pinned by its node-type resource when set), the fine-tuning runner, and
+the ingress, which receives a handle to each model server, keyed by pool, and the runner's.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from deployments.config.plan import INGRESS_DEPLOYMENT, deployment_plan
 from deployments.config.tiered import TieredConfig, load_config, parse_config
 from deployments.replicas.model_server import model_server_app
 from deployments.tenancy.admission import INGRESS_HEARTBEAT_S
+from deployments.training.runner import FINE_TUNING_DEPLOYMENT, FineTuningRunner
 
 
 def build_from_config(config: TieredConfig) -> serve.Application:
@@ -38,7 +39,13 @@ def build_from_config(config: TieredConfig) -> serve.Application:
         # In-flight streams end, then __del__ commits this replica's usage.
         graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S + 20,
     )
-    return ingress.bind(config.model_dump(), handles)
+    runner = serve.deployment(FineTuningRunner).options(  # type: ignore[attr-defined]
+        name=FINE_TUNING_DEPLOYMENT,
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=100,
+    )
+    return ingress.bind(config.model_dump(), handles, runner.bind(config.model_dump()))
 
 
 def build(args: dict[str, Any]) -> serve.Application:

@@ -14,6 +14,7 @@ from typing import Any
 from deployments.config.models import ReplicaSpec
 from deployments.config.plan import INGRESS_DEPLOYMENT, deployment_plan
 from deployments.config.tiered import TieredConfig
+from deployments.training.runner import FINE_TUNING_DEPLOYMENT
 
 APP_NAME = "tiered"
 IMPORT_PATH = "deployments.app:build"
@@ -28,7 +29,8 @@ def _deployment(name: str, replica: ReplicaSpec, pool: str) -> dict[str, Any]:
 def deployment_options(config: TieredConfig) -> list[dict[str, Any]]:
     """Per deployment: the replica count or autoscaling config the app builder sets."""
     out: list[dict[str, Any]] = [
-        {"name": INGRESS_DEPLOYMENT, "num_replicas": config.ingress.num_replicas}
+        {"name": INGRESS_DEPLOYMENT, "num_replicas": config.ingress.num_replicas},
+        {"name": FINE_TUNING_DEPLOYMENT, "num_replicas": 1},
     ]
     out += [_deployment(p.deployment, p.replica, p.key) for p in deployment_plan(config)]
     return out
@@ -49,6 +51,8 @@ def render_serve_config(
     tiered = config.model_dump(mode="json", exclude_none=True)
     if "url" not in config.state.model_fields_set:  # this machine's default path: the
         del tiered["state"]["url"]  # cluster picks its own (TIERED_STATE_URL, state dir)
+    if "root" not in config.files.model_fields_set:  # likewise the files' directory
+        del tiered["files"]["root"]
     app: dict[str, Any] = {
         "name": APP_NAME,
         "route_prefix": "/",

@@ -13,7 +13,7 @@ from deployments.state.store import StateStore
 from deployments.tenancy.types import UsageRecord
 
 T = TypeVar("T")
-HEAD = "0003"
+HEAD = "0004"
 DAY1 = datetime(2025, 3, 10, tzinfo=UTC)
 
 

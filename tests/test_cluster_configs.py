@@ -100,6 +100,20 @@ def test_render_leaves_the_default_state_url_to_the_cluster(tmp_path: Path) -> N
     assert rendered["args"]["tiered"]["state"]["url"] == "postgresql+psycopg://tiered@db/tiered"
 
 
+def test_render_leaves_the_default_files_root_to_the_cluster_and_lists_the_runner() -> None:
+    from deployments.config.tiered import parse_config
+    from deployments.render import render_serve_config
+
+    data = yaml.safe_load((CLUSTER / "serve-gpu.yaml").read_text())
+    data.pop("files", None)
+    app = render_serve_config(parse_config(data, "test", checkpoints=False))["applications"][0]
+    assert "root" not in app["args"]["tiered"]["files"]
+    assert {"name": "fine-tuning", "num_replicas": 1} in app["deployments"]
+    data["files"] = {"root": "s3://bucket/tiered"}
+    app = render_serve_config(parse_config(data, "test", checkpoints=False))["applications"][0]
+    assert app["args"]["tiered"]["files"]["root"] == "s3://bucket/tiered"
+
+
 def test_render_command_refuses_what_the_nodes_cannot_hold(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     bad = yaml.safe_load((CLUSTER / "serve-gpu.yaml").read_text())
     bad["node_types"]["dedicated_acme"].update(min_workers=0, max_workers=0)

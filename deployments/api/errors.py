@@ -54,6 +54,7 @@ _SCALAR_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none",
 # cloudpickled copy of the app made at import, so the ingress constructor, which knows the
 # config, can only reach the module's original; the copy keeps the title and reads here.
 _BODY_LIMITS: dict[str, int] = {}
+_PATH_LIMITS: dict[str, dict[str, int]] = {}  # app title -> {path: its own limit}
 
 
 class OpenAIError(Exception):
@@ -120,6 +121,11 @@ def from_engine_error(exc: BaseException) -> OpenAIError | None:
     return None
 
 
+def _constrained(tag: str) -> bool:
+    """pydantic's tag for a constrained union member: "constrained-int", ...-float, ...-str."""
+    return tag.startswith("constrained-")
+
+
 def _param_path(loc: Sequence[Any]) -> str | None:
     """ "body.messages.0.content.list[...].0.text" -> "messages.0.content.0.text"."""
     parts = []
@@ -130,7 +136,7 @@ def _param_path(loc: Sequence[Any]) -> str | None:
             parts.append(str(item))
             continue
         text = str(item)
-        if "[" in text or text in _SCALAR_TAGS or text[:1].isupper():
+        if "[" in text or text in _SCALAR_TAGS or text[:1].isupper() or _constrained(text):
             continue  # a union member's tag, not a field
         parts.append(text)
     return ".".join(parts) or None
@@ -166,12 +172,15 @@ def from_validation_error(exc: ValidationError | RequestValidationError) -> Open
     return from_validation_errors(exc.errors())
 
 
-def set_body_limit(app: FastAPI, max_body_bytes: int) -> None:
+def set_body_limit(
+    app: FastAPI, max_body_bytes: int, per_path: Mapping[str, int] | None = None
+) -> None:
     """Set the request-body cap of `app` and of every copy of it in this process.
 
     The only source of the limit: the ingress calls it from its config in __init__, after
     the module-level app was built. Until it is called every request gets a 500. Keyed by
-    the app's title, so apps sharing a process need distinct titles.
+    the app's title, so apps sharing a process need distinct titles. `per_path` gives
+    exact paths their own cap (file uploads: the files size limit plus multipart framing).
     """
     key = getattr(app.state, "body_limit_key", None)
     if key is None:
@@ -181,6 +190,7 @@ def set_body_limit(app: FastAPI, max_body_bytes: int) -> None:
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be positive, not {max_body_bytes}")
     _BODY_LIMITS[key] = max_body_bytes
+    _PATH_LIMITS[key] = dict(per_path or {})
 
 
 class BodySizeLimit:
@@ -202,6 +212,8 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         limit = _BODY_LIMITS.get(self.key)
+        if limit is not None:
+            limit = _PATH_LIMITS.get(self.key, {}).get(scope.get("path", ""), limit)
         if limit is None:
             if not self._warned:
                 self._warned = True

@@ -10,7 +10,6 @@ the request ends. A `model` naming a LoRA adapter resolves through the registry
 
 # No `from __future__ import annotations` here: serve.ingress re-creates the route methods
 # elsewhere, where FastAPI could not resolve string annotations such as `Request`.
-import json
 import time
 import uuid
 from collections.abc import Coroutine
@@ -24,7 +23,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.api.adapters import AdapterAdmin
 from deployments.api.admin import require_admin, usage_report
-from deployments.api.auth import bearer_token
+from deployments.api.auth import authenticate, bearer, json_body
 from deployments.api.catalog import ModelCatalog, check_allowed
 from deployments.api.completions import Served, respond
 from deployments.api.conversations import StatefulReads
@@ -34,6 +33,10 @@ from deployments.api.errors import (
     set_body_limit,
     state_unavailable,
 )
+from deployments.api.files import FilesApi
+from deployments.api.finetune_routes import FineTuningRoutes
+from deployments.api.finetune_routes import router as fine_tuning_router
+from deployments.api.jobs import JobsApi
 from deployments.api.limits import (
     admission_unavailable,
     ratelimit_headers,
@@ -55,6 +58,7 @@ from deployments.replicas.requests import GenerateRequest
 from deployments.state.config import resolve_state_spec
 from deployments.state.conversations import ConversationStore
 from deployments.state.errors import StateError
+from deployments.state.jobs import JobStore
 from deployments.state.ledger import Ledger
 from deployments.state.responses import ResponseStore
 from deployments.state.store import StateStore
@@ -71,34 +75,24 @@ DRAIN_TIMEOUT_S = 10.0  # a stopping replica waits this long for its usage to be
 app = FastAPI(title="Tiered", version="0.1.0", description="OpenAI-compatible multi-tenant API")
 install_error_handlers(app)
 app.add_middleware(RequestMetricsMiddleware)
+app.include_router(fine_tuning_router)  # the Files API (FineTuningRoutes, below)
 
 
 # Helpers sit above the class: serve.ingress captures what the class refers to when it
 # is decorated.
-def _bearer(request: Request) -> str | None:
-    return bearer_token(request.headers.get("authorization", ""))
-
-
 def _include_usage(req: OpenAIRequest) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage)
 
 
-async def _json_body(request: Request) -> Any:
-    try:
-        return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise OpenAIError(400, "We could not parse the JSON body of your request.") from None
-
-
 @serve.ingress(app)
-class Ingress:
+class Ingress(FineTuningRoutes):
     async def __init__(  # type: ignore[misc]  # Serve awaits an async __init__
         self,
         config: dict,
         handles: dict[str, DeploymentHandle],
+        fine_tuning: DeploymentHandle | None = None,
     ) -> None:
         self.config = TieredConfig.model_validate(config)
-        set_body_limit(app, self.config.ingress.max_body_bytes)
         self.key_source = KeySource(self.config)  # warns of tenants without a key
         self.handles = handles  # pool key (deployments.config.plan) -> its deployment
         # Tokenizers from the replicas (or a named artifact): never the checkpoint here.
@@ -123,6 +117,14 @@ class Ingress:
         self.turns = TurnService(self.config, self.responses, self.conversations, self.upkeep)
         self.catalog = ModelCatalog(self.config, self.models, self.store)
         self.adapters = AdapterAdmin(self.catalog, handles, self.config.ingress.request_timeout_s)
+        self.files = FilesApi(self.store, self.config.files, self.catalog.prepare)
+        self.fine_tuning = fine_tuning  # the runner (deployments.training.runner)
+        self.jobs = JobsApi(self.config, JobStore(self.store), self.files, self._wake_runner)
+        set_body_limit(
+            app,
+            self.config.ingress.max_body_bytes,
+            {"/v1/files": max(self.files.upload_body_limit, self.config.ingress.max_body_bytes)},
+        )
 
     @property
     def keys(self) -> KeyRings:
@@ -141,6 +143,11 @@ class Ingress:
         admission actor. Admission trouble never fails it: the replica holds claims."""
         await self.admission.heartbeat()
 
+    def _wake_runner(self) -> None:
+        """The runner reads the jobs on its own every poll interval; this is sooner."""
+        if self.fine_tuning is not None:
+            self.fine_tuning.wake.remote()
+
     # ---- plain endpoints ------------------------------------------------------------
     @app.get("/health")
     async def health(self) -> dict:
@@ -154,13 +161,13 @@ class Ingress:
     @app.get("/admin/usage")
     async def usage(self, request: Request) -> dict[str, Any]:
         """Billing aggregates from the ledger, priced (deployments.state.report)."""
-        require_admin(self.keys, _bearer(request))
+        require_admin(self.keys, bearer(request))
         return await usage_report(self.ledger, self.config.prices, dict(request.query_params))
 
     @app.get("/admin/state")
     async def state(self, request: Request) -> dict[str, Any]:
         """The admission actor's seats and queues, live (not billing data)."""
-        require_admin(self.keys, _bearer(request))
+        require_admin(self.keys, bearer(request))
         try:
             return await self.admission.state()
         except AdmissionUnavailable:
@@ -169,13 +176,13 @@ class Ingress:
     # ---- LoRA adapters, hot-loaded by an admin (deployments.api.adapters) -------------
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(self, request: Request) -> dict[str, Any]:
-        require_admin(self.keys, _bearer(request))
-        return await self.adapters.load(await _json_body(request))
+        require_admin(self.keys, bearer(request))
+        return await self.adapters.load(await json_body(request))
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(self, request: Request) -> dict[str, Any]:
-        require_admin(self.keys, _bearer(request))
-        return await self.adapters.unload(await _json_body(request))
+        require_admin(self.keys, bearer(request))
+        return await self.adapters.unload(await json_body(request))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -215,7 +222,7 @@ class Ingress:
     @app.post("/v1/conversations")
     async def create_conversation(self, request: Request) -> dict[str, Any]:
         tenant = self._authenticate(request)
-        body = await _json_body(request)
+        body = await json_body(request)
         return await self._stored(self.reads.create_conversation(tenant, body))
 
     @app.get("/v1/conversations/{conv_id}")
@@ -226,7 +233,7 @@ class Ingress:
     @app.post("/v1/conversations/{conv_id}")
     async def update_conversation(self, request: Request, conv_id: str) -> dict[str, Any]:
         tenant = self._authenticate(request)
-        body = await _json_body(request)
+        body = await json_body(request)
         return await self._stored(self.reads.update_conversation(tenant, conv_id, body))
 
     @app.delete("/v1/conversations/{conv_id}")
@@ -237,7 +244,7 @@ class Ingress:
     @app.post("/v1/conversations/{conv_id}/items")
     async def add_conversation_items(self, request: Request, conv_id: str) -> dict[str, Any]:
         tenant = self._authenticate(request)
-        body = await _json_body(request)
+        body = await json_body(request)
         return await self._stored(self.reads.add_items(tenant, conv_id, body))
 
     @app.get("/v1/conversations/{conv_id}/items")
@@ -262,15 +269,7 @@ class Ingress:
 
     # ---- the request path -----------------------------------------------------------
     def _authenticate(self, request: Request) -> TenantSpec:
-        token = _bearer(request)
-        name = self.keys.tenants.tenant_for(token)
-        tenant = self.config.tenant(name) if name is not None else None
-        if tenant is None:
-            message = (
-                "Incorrect API key provided." if token else "You didn't provide an API key."
-            )
-            raise OpenAIError(401, message, code="invalid_api_key")
-        return tenant
+        return authenticate(self.keys, self.config, request)
 
     async def _complete(self, request: Request, kind: str) -> Response:
         """Every answer names the ingress replica that gave it (x-tiered-ingress)."""
@@ -290,7 +289,7 @@ class Ingress:
         if blocked is not None:  # still over its limits: answered from the last decision
             raise self._refused(request, blocked, tenant)
         timer = RequestTimer(model="unknown")
-        parsed = await _json_body(request)
+        parsed = await json_body(request)
         if kind == "response":
             turn = parse_responses_request(parsed)
             model = await self._model(request, tenant, turn.model, timer)

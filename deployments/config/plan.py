@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from deployments.config.tiered import TieredConfig
 
 Tier = Literal["shared", "dedicated"]
+# What a ledger row bills: a tier's serving, or a fine-tuning job's trained tokens.
+BilledTier = Literal["shared", "dedicated", "training"]
 INGRESS_DEPLOYMENT = "ingress"
 ADMISSION_NAMESPACE = "tiered"
 

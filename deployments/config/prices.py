@@ -6,17 +6,19 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deployments.config.plan import Tier
+from deployments.config.plan import BilledTier
 
 
 class TokenPrice(BaseModel):
     """Prices per 1M tokens of one model on one tier. Cached input defaults to the input
-    price (no discount). Spilled requests are served, and billed, as tier "shared"."""
+    price (no discount). Spilled requests are served, and billed, as tier "shared". Tier
+    "training" prices the tokens fine-tuning jobs train on that base model (input_per_1m;
+    they have no output)."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    tier: Tier
+    tier: BilledTier
     input_per_1m: float = Field(ge=0)
     cached_input_per_1m: float | None = Field(None, ge=0)
     output_per_1m: float = Field(ge=0)

@@ -78,6 +78,11 @@ class DedicatedSpec(BaseModel):
     max_replicas: int | None = Field(None, ge=1)
     spill: bool = True
     replica: ReplicaSpec = ReplicaSpec()
+    fine_tune_on_reservation: bool = Field(
+        False,
+        description="Train this tenant's fine-tuning jobs of `model` on its own reserved "
+        "node type (replica.node_type_resource) instead of the shared pool's.",
+    )
 
     @model_validator(mode="after")
     def _reservation_fits(self) -> DedicatedSpec:
@@ -85,6 +90,11 @@ class DedicatedSpec(BaseModel):
             raise ValueError(
                 f"reserved_replicas={self.reserved_replicas} exceeds "
                 f"max_replicas={self.max_replicas}"
+            )
+        if self.fine_tune_on_reservation and self.replica.node_type_resource is None:
+            raise ValueError(
+                "fine_tune_on_reservation needs replica.node_type_resource (the reserved "
+                "node type to train on)"
             )
         return self
 

@@ -27,7 +27,7 @@ from deployments.state.stored import unavailable
 
 ADAPTERS = cast(Table, AdapterRow.__table__)  # declared as a FromClause
 REGISTRY_LOCK = 0x7469_6572_6564_02  # pg advisory lock key: one registry writer at once
-Source = Literal["config", "api"]
+Source = Literal["config", "api", "fine_tune"]  # fine_tune: a succeeded job's ft: model
 
 
 @dataclass(frozen=True)

@@ -192,3 +192,92 @@ class AdapterRow(Base):
             sqlite_where=text(ADAPTER_ACTIVE), postgresql_where=text(ADAPTER_ACTIVE),
         ),
     )
+
+
+class FileRow(Base):
+    """An uploaded file (OpenAI's Files API): metadata here, bytes at `path` in the files
+    root (fsspec). Deleting a file deletes its row and its bytes."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String, primary_key=True)  # "file-…"
+    tenant: Mapped[str] = mapped_column(String)
+    purpose: Mapped[str] = mapped_column(String)  # "fine-tune"
+    filename: Mapped[str] = mapped_column(String)
+    bytes: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(String)  # relative to the files root
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    examples: Mapped[int] = mapped_column(Integer)  # lines accepted at upload
+
+    __table_args__ = (Index("ix_files_tenant_created_at", "tenant", "created_at"),)
+
+
+class FineTuningJobRow(Base):
+    """A fine-tuning job (OpenAI's object, plus what the runner needs to own and resume
+    it). `hyperparameters` are resolved (no "auto"); `error` is {code, message, param}."""
+
+    __tablename__ = "fine_tuning_jobs"
+
+    id: Mapped[str] = mapped_column(String, primary_key=True)  # "ftjob-…"
+    tenant: Mapped[str] = mapped_column(String)
+    model: Mapped[str] = mapped_column(String)  # the base model
+    training_file: Mapped[str] = mapped_column(String)
+    validation_file: Mapped[str | None] = mapped_column(String, nullable=True)
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)
+    suffix: Mapped[str | None] = mapped_column(String, nullable=True)
+    seed: Mapped[int] = mapped_column(Integer)
+    metadata_: Mapped[dict[str, str] | None] = mapped_column(
+        "metadata", JSON(none_as_null=True), nullable=True
+    )
+    status: Mapped[str] = mapped_column(String)  # OpenAI's job status values
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    trained_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    fine_tuned_model: Mapped[str | None] = mapped_column(String, nullable=True)
+    result_files: Mapped[list[str]] = mapped_column(JSON)
+    owner: Mapped[str | None] = mapped_column(String, nullable=True)  # the runner running it
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer)  # training starts, resumes included
+    resume_from: Mapped[str | None] = mapped_column(String, nullable=True)  # a checkpoint key
+
+    __table_args__ = (
+        Index("ix_fine_tuning_jobs_tenant_created_at", "tenant", "created_at"),
+        Index("ix_fine_tuning_jobs_status", "status"),
+    )
+
+
+class FineTuningEventRow(Base):
+    """One event of a job; `seq` orders them."""
+
+    __tablename__ = "fine_tuning_events"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String, unique=True)  # "ftevent-…"
+    job_id: Mapped[str] = mapped_column(String)
+    tenant: Mapped[str] = mapped_column(String)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    level: Mapped[str] = mapped_column(String)  # info | warn | error
+    type: Mapped[str] = mapped_column(String)  # message | metrics
+    message: Mapped[str] = mapped_column(String)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+
+    __table_args__ = (Index("ix_fine_tuning_events_job_id_seq", "job_id", "seq"),)
+
+
+class FineTuningCheckpointRow(Base):
+    """A checkpoint a job wrote (PEFT format, at `path` in the files root)."""
+
+    __tablename__ = "fine_tuning_checkpoints"
+
+    id: Mapped[str] = mapped_column(String, primary_key=True)  # "ftckpt-…"
+    job_id: Mapped[str] = mapped_column(String)
+    tenant: Mapped[str] = mapped_column(String)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    step_number: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    path: Mapped[str] = mapped_column(String)  # the BlobStore key of the directory
+
+    __table_args__ = (
+        Index("ix_fine_tuning_checkpoints_job_id_step_number", "job_id", "step_number"),
+    )

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from deployments.config.plan import Tier
+from deployments.config.plan import BilledTier, Tier
 from deployments.state.config import StateSpec
 
 RefusalReason = Literal[
@@ -98,7 +98,7 @@ class UsageRecord:
     request_id: str
     tenant: str
     model: str
-    tier: Tier
+    tier: BilledTier  # training: a fine-tuning job's trained tokens, as prompt_tokens
     spill: bool
     prompt_tokens: int
     cached_tokens: int
@@ -110,8 +110,10 @@ class UsageRecord:
 
     def __post_init__(self) -> None:
         """A record that cannot be real is refused when made, not billed."""
-        if self.tier not in ("shared", "dedicated"):
-            raise ValueError(f"tier must be 'shared' or 'dedicated', got {self.tier!r}")
+        if self.tier not in ("shared", "dedicated", "training"):
+            raise ValueError(
+                f"tier must be 'shared', 'dedicated' or 'training', got {self.tier!r}"
+            )
         if self.spill and self.tier != "shared":
             raise ValueError("spilled requests are served by the shared pool")
         if min(self.prompt_tokens, self.cached_tokens, self.completion_tokens) < 0:

@@ -1,0 +1,258 @@
+"""Fine-tuning jobs, their events and checkpoints, in the state store.
+
+The database is the truth the ingress (create, read, cancel) and the runner (claim, run,
+finish) share; neither keeps a job in memory. Status changes are conditional updates
+(`transition`), so a cancel and a finishing run cannot both win, and two runners cannot
+claim one job. Every tenant-facing read is by (tenant, id). Database failures surface as
+StateError.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any, Literal, cast
+
+from sqlalchemy import Row, Select, Table, func, insert, select, update
+
+from deployments.state.schema import FineTuningCheckpointRow, FineTuningEventRow, FineTuningJobRow
+from deployments.state.store import StateStore
+from deployments.state.stored import UnknownCursorError, unavailable
+
+JOBS = cast(Table, FineTuningJobRow.__table__)
+EVENTS = cast(Table, FineTuningEventRow.__table__)
+CHECKPOINTS = cast(Table, FineTuningCheckpointRow.__table__)
+Status = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+ACTIVE: tuple[Status, ...] = ("validating_files", "queued", "running")
+TERMINAL: tuple[Status, ...] = ("succeeded", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+
+
+@dataclass(frozen=True)
+class StoredJob:
+    id: str  # "ftjob-…"
+    tenant: str
+    model: str
+    training_file: str
+    validation_file: str | None
+    hyperparameters: Hyperparameters
+    suffix: str | None
+    seed: int
+    metadata: dict[str, str] | None
+    status: Status
+    created_at: datetime
+    finished_at: datetime | None = None
+    trained_tokens: int | None = None
+    error: dict[str, Any] | None = None
+    fine_tuned_model: str | None = None
+    result_files: list[str] = field(default_factory=list)
+    owner: str | None = None
+    heartbeat_at: datetime | None = None
+    attempts: int = 0
+    resume_from: str | None = None
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    id: str
+    job_id: str
+    created_at: datetime
+    level: str
+    type: str  # message | metrics
+    message: str
+    data: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class JobCheckpoint:
+    id: str
+    job_id: str
+    created_at: datetime
+    step_number: int
+    metrics: dict[str, Any]
+    path: str
+
+
+def _job(row: Row[Any]) -> StoredJob:
+    m = dict(row._mapping)
+    m["hyperparameters"] = Hyperparameters(**m["hyperparameters"])
+    return StoredJob(**m)
+
+
+def _event(row: Row[Any]) -> JobEvent:
+    m = row._mapping
+    return JobEvent(
+        m["id"], m["job_id"], m["created_at"], m["level"], m["type"], m["message"], m["data"]
+    )
+
+
+def _checkpoint(row: Row[Any]) -> JobCheckpoint:
+    m = row._mapping
+    return JobCheckpoint(
+        m["id"], m["job_id"], m["created_at"], m["step_number"], m["metrics"], m["path"]
+    )
+
+
+class JobStore:
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+
+    # ---- jobs ------------------------------------------------------------------------------
+    async def create(self, job: StoredJob) -> None:
+        values = asdict(job)
+        with unavailable(self.store):
+            async with self.store.engine.begin() as conn:
+                await conn.execute(insert(JOBS), [values])
+
+    async def get(self, tenant: str | None, job_id: str) -> StoredJob | None:
+        """The job (the tenant's only, unless tenant is None: the runner's view)."""
+        stmt = select(JOBS).where(JOBS.c.id == job_id)
+        if tenant is not None:
+            stmt = stmt.where(JOBS.c.tenant == tenant)
+        with unavailable(self.store):
+            async with self.store.engine.connect() as conn:
+                row = (await conn.execute(stmt)).first()
+        return None if row is None else _job(row)
+
+    async def list_jobs(
+        self, tenant: str, after: str | None, limit: int
+    ) -> tuple[list[StoredJob], bool]:
+        """Newest first, `limit` after the job `after` (UnknownCursorError if not the
+        tenant's); and whether there are more."""
+        c = JOBS.c
+        stmt = select(JOBS).where(c.tenant == tenant)
+        with unavailable(self.store):
+            async with self.store.engine.connect() as conn:
+                if after is not None:
+                    at = (
+                        await conn.execute(
+                            select(c.created_at, c.id).where(c.id == after, c.tenant == tenant)
+                        )
+                    ).first()
+                    if at is None:
+                        raise UnknownCursorError(after)
+                    stmt = stmt.where(
+                        (c.created_at < at[0]) | ((c.created_at == at[0]) & (c.id < at[1]))
+                    )
+                stmt = stmt.order_by(c.created_at.desc(), c.id.desc()).limit(limit + 1)
+                rows = (await conn.execute(stmt)).all()
+        return [_job(r) for r in rows[:limit]], len(rows) > limit
+
+    async def count_active(self, tenant: str) -> int:
+        """The tenant's jobs not yet ended (its concurrency, for the per-tenant limit)."""
+        c = JOBS.c
+        stmt = select(func.count()).where(c.tenant == tenant, c.status.in_(ACTIVE))
+        with unavailable(self.store):
+            async with self.store.engine.connect() as conn:
+                return int((await conn.execute(stmt)).scalar_one())
+
+    async def with_status(self, *statuses: Status) -> list[StoredJob]:
+        """Jobs in these states, oldest first (the runner's queue)."""
+        stmt = select(JOBS).where(JOBS.c.status.in_(statuses)).order_by(JOBS.c.created_at)
+        with unavailable(self.store):
+            async with self.store.engine.connect() as conn:
+                rows = (await conn.execute(stmt)).all()
+        return [_job(r) for r in rows]
+
+    async def transition(
+        self, job_id: str, to: Status, allowed_from: tuple[Status, ...], **values: Any
+    ) -> bool:
+        """Set the status (and `values`) only if the job is in one of `allowed_from`;
+        whether it was."""
+        stmt = (
+            update(JOBS)
+            .where(JOBS.c.id == job_id, JOBS.c.status.in_(allowed_from))
+            .values(status=to, **values)
+        )
+        with unavailable(self.store):
+            async with self.store.engine.begin() as conn:
+                changed = (await conn.execute(stmt)).rowcount
+        return bool(changed)
+
+    async def update(self, job_id: str, **values: Any) -> None:
+        """Fields other than the status (heartbeat, trained tokens, resume point)."""
+        with unavailable(self.store):
+            async with self.store.engine.begin() as conn:
+                await conn.execute(update(JOBS).where(JOBS.c.id == job_id).values(**values))
+
+    # ---- events and checkpoints ------------------------------------------------------------
+    async def add_event(
+        self,
+        job: StoredJob,
+        now: datetime,
+        message: str,
+        *,
+        level: str = "info",
+        type: str = "message",
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        values = {
+            "id": "ftevent-" + uuid.uuid4().hex[:24],
+            "job_id": job.id,
+            "tenant": job.tenant,
+            "created_at": now,
+            "level": level,
+            "type": type,
+            "message": message,
+            "data": data,
+        }
+        with unavailable(self.store):
+            async with self.store.engine.begin() as conn:
+                await conn.execute(insert(EVENTS), [values])
+
+    async def events(
+        self, tenant: str, job_id: str, after: str | None, limit: int
+    ) -> tuple[list[JobEvent], bool]:
+        """Newest first; UnknownCursorError for an `after` that is not this job's."""
+        rows, more = await self._page(EVENTS, EVENTS.c.seq, tenant, job_id, after, limit)
+        return [_event(r) for r in rows], more
+
+    async def add_checkpoint(
+        self, job: StoredJob, now: datetime, step: int, metrics: dict[str, Any], path: str
+    ) -> None:
+        values = {
+            "id": "ftckpt-" + uuid.uuid4().hex[:24],
+            "job_id": job.id,
+            "tenant": job.tenant,
+            "created_at": now,
+            "step_number": step,
+            "metrics": metrics,
+            "path": path,
+        }
+        with unavailable(self.store):
+            async with self.store.engine.begin() as conn:
+                await conn.execute(insert(CHECKPOINTS), [values])
+
+    async def checkpoints(
+        self, tenant: str, job_id: str, after: str | None, limit: int
+    ) -> tuple[list[JobCheckpoint], bool]:
+        """Newest (highest step) first."""
+        key = CHECKPOINTS.c.step_number
+        rows, more = await self._page(CHECKPOINTS, key, tenant, job_id, after, limit)
+        return [_checkpoint(r) for r in rows], more
+
+    async def _page(
+        self, table: Table, key: Any, tenant: str, job_id: str, after: str | None, limit: int
+    ) -> tuple[list[Row[Any]], bool]:
+        c = table.c
+        stmt: Select[Any] = select(table).where(c.job_id == job_id, c.tenant == tenant)
+        with unavailable(self.store):
+            async with self.store.engine.connect() as conn:
+                if after is not None:
+                    at = (
+                        await conn.execute(
+                            select(key).where(c.id == after, c.job_id == job_id, c.tenant == tenant)
+                        )
+                    ).scalar_one_or_none()
+                    if at is None:
+                        raise UnknownCursorError(after)
+                    stmt = stmt.where(key < at)
+                rows = (await conn.execute(stmt.order_by(key.desc()).limit(limit + 1))).all()
+        return list(rows[:limit]), len(rows) > limit

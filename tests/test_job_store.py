@@ -1,0 +1,107 @@
+"""Fine-tuning jobs, events, checkpoints and files in the state store, on SQLite and
+PostgreSQL: conditional status changes, paging, tenant scoping."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from deployments.state.config import StateSpec
+from deployments.state.files import FileStore, StoredFile
+from deployments.state.jobs import ACTIVE, Hyperparameters, JobStore, StoredJob
+from deployments.state.store import StateStore
+from deployments.state.stored import UnknownCursorError
+from tests.state_fixtures import postgres_server, state_spec  # noqa: F401
+from tests.state_helpers import run
+
+T0 = datetime(2026, 12, 4, 12, tzinfo=UTC)
+
+
+def job(job_id: str, tenant: str = "a", at: int = 0) -> StoredJob:
+    return StoredJob(
+        id=job_id,
+        tenant=tenant,
+        model="m",
+        training_file="file-1",
+        validation_file=None,
+        hyperparameters=Hyperparameters(3, 4, 1.5),
+        suffix=None,
+        seed=5,
+        metadata={"k": "v"},
+        status="validating_files",
+        created_at=T0 + timedelta(seconds=at),
+    )
+
+
+def test_jobs_round_trip_page_and_change_status_only_from_allowed_states(
+    state_spec: StateSpec,  # noqa: F811
+) -> None:
+    async def body() -> None:
+        store = await StateStore.open(state_spec)
+        jobs = JobStore(store)
+        try:
+            for i in range(3):
+                await jobs.create(job(f"ftjob-{i}", at=i))
+            await jobs.create(job("ftjob-b", tenant="b"))
+            got = await jobs.get("a", "ftjob-1")
+            assert got == job("ftjob-1", at=1)
+            assert await jobs.get("b", "ftjob-1") is None  # another tenant's: missing
+            assert (await jobs.get(None, "ftjob-b")) is not None  # the runner sees all
+            page, more = await jobs.list_jobs("a", None, 2)
+            assert [j.id for j in page] == ["ftjob-2", "ftjob-1"] and more
+            page, more = await jobs.list_jobs("a", "ftjob-1", 2)
+            assert [j.id for j in page] == ["ftjob-0"] and not more
+            with pytest.raises(UnknownCursorError):
+                await jobs.list_jobs("a", "ftjob-b", 2)
+
+            assert await jobs.transition("ftjob-0", "queued", ("validating_files",))
+            assert not await jobs.transition("ftjob-0", "queued", ("validating_files",))
+            assert await jobs.transition("ftjob-0", "running", ("queued",), owner="r1")
+            assert await jobs.transition("ftjob-0", "cancelled", ACTIVE, finished_at=T0)
+            # A run finishing after the cancel cannot overwrite it.
+            assert not await jobs.transition("ftjob-0", "succeeded", ("running",))
+            final = await jobs.get("a", "ftjob-0")
+            assert final is not None and (final.status, final.owner) == ("cancelled", "r1")
+            assert final.finished_at == T0
+            queue = await jobs.with_status("validating_files")
+            assert [j.id for j in queue] == ["ftjob-b", "ftjob-1", "ftjob-2"]  # oldest first
+        finally:
+            await store.close()
+
+    run(body())
+
+
+def test_events_and_checkpoints_newest_first_scoped_to_the_jobs_tenant(
+    state_spec: StateSpec,  # noqa: F811
+) -> None:
+    async def body() -> None:
+        store = await StateStore.open(state_spec)
+        jobs, files = JobStore(store), FileStore(store)
+        try:
+            j = job("ftjob-e")
+            await jobs.create(j)
+            for step in range(1, 6):
+                await jobs.add_event(j, T0, f"step {step}", type="metrics", data={"step": step})
+                await jobs.add_checkpoint(j, T0, step * 10, {"train_loss": 1 / step}, f"k/{step}")
+            events, more = await jobs.events("a", j.id, None, 3)
+            assert [e.data["step"] for e in events if e.data] == [5, 4, 3] and more
+            rest, more = await jobs.events("a", j.id, events[-1].id, 10)
+            assert [e.message for e in rest] == ["step 2", "step 1"] and not more
+            assert (await jobs.events("b", j.id, None, 10)) == ([], False)
+            ckpts, _ = await jobs.checkpoints("a", j.id, None, 2)
+            assert [c.step_number for c in ckpts] == [50, 40] and ckpts[0].path == "k/5"
+            with pytest.raises(UnknownCursorError):
+                await jobs.checkpoints("a", j.id, events[0].id, 2)
+
+            made = StoredFile("file-x", "a", "fine-tune", "t.jsonl", 10, "a/file-x", T0, 2)
+            await files.create(made)
+            assert await files.get("a", "file-x") == made
+            assert await files.get("b", "file-x") is None
+            assert await files.delete("b", "file-x") is None
+            assert await files.delete("a", "file-x") == made
+            assert await files.get("a", "file-x") is None
+        finally:
+            await store.close()
+
+    run(body())
