@@ -14,14 +14,16 @@ import yaml
 from cli.main import main
 from cli.serve import check_state
 from deployments.config.tiered import TieredConfig
+from deployments.tenancy.keys import hash_key
 from tests.state_helpers import HEAD
 
 SECRET = "hunter2"
 
 
 def _data(state: dict) -> dict:
-    return {"models": [{"name": "m", "path": "default:tiny"}], "tenants": [{"name": "a"}],
-            "state": state}
+    # The tenant has a key, so `tiered serve` has no warning to print before the error.
+    tenant = {"name": "a", "api_key_hashes": [hash_key("tk-state-a")]}
+    return {"models": [{"name": "m", "path": "default:tiny"}], "tenants": [tenant], "state": state}
 
 
 def _config(state: dict) -> TieredConfig:
