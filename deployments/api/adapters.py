@@ -17,14 +17,14 @@ import logging
 from collections.abc import Coroutine
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from ray.serve.handle import DeploymentHandle
 
 from deployments.api.catalog import ModelCatalog
 from deployments.api.errors import (
     OpenAIError,
     from_engine_error,
-    from_validation_error,
+    parse_body,
     state_unavailable,
     unavailable,
 )
@@ -41,7 +41,6 @@ from deployments.state.errors import StateError
 from models.lora import LoRARequest
 
 log = logging.getLogger(__name__)
-Body = TypeVar("Body", bound=BaseModel)
 T = TypeVar("T")
 AdapterName = Annotated[ModelId, Field(max_length=256)]
 
@@ -61,15 +60,6 @@ class UnloadAdapterBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     lora_name: str = Field(min_length=1, max_length=256)
-
-
-def _parse(model: type[Body], body: Any) -> Body:
-    if not isinstance(body, dict):
-        raise OpenAIError(400, "the request body must be a JSON object")
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        raise from_validation_error(exc) from None
 
 
 def _adapter_object(adapter: Adapter, **extra: Any) -> dict[str, Any]:
@@ -98,7 +88,7 @@ class AdapterAdmin:
             self.pools.setdefault(plan.model.name, []).append((plan.key, plan.tenant))
 
     async def load(self, body: Any) -> dict[str, Any]:
-        req = _parse(LoadAdapterBody, body)
+        req = parse_body(LoadAdapterBody, body)
         if self.catalog.config.model(req.lora_name) is not None:
             raise OpenAIError(
                 400, f"'{req.lora_name}' is the name of a base model", param="lora_name"
@@ -121,7 +111,7 @@ class AdapterAdmin:
         return _adapter_object(active, load_seconds=round(seconds, 3))
 
     async def unload(self, body: Any) -> dict[str, Any]:
-        req = _parse(UnloadAdapterBody, body)
+        req = parse_body(UnloadAdapterBody, body)
         gone = await self._registry_call(self._unload(req.lora_name))
         if gone is None:
             raise OpenAIError(

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -172,6 +172,19 @@ def from_validation_error(exc: ValidationError | RequestValidationError) -> Open
     return from_validation_errors(exc.errors())
 
 
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def parse_body(model: type[Body], body: Any) -> Body:
+    """A JSON body as `model`: anything else is a 400 naming the param."""
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
 def set_body_limit(
     app: FastAPI, max_body_bytes: int, per_path: Mapping[str, int] | None = None
 ) -> None:
@@ -304,6 +317,8 @@ def install_error_handlers(app: FastAPI) -> None:
 def state_unavailable() -> OpenAIError:
     """The state store is down: a 503 the client may retry, never a 500."""
     return OpenAIError(
-        503, "The state store is unavailable; stored responses and conversations cannot be "
-        "read or written right now. Retry shortly.", code="state_store_unavailable",
+        503,
+        "The state store is unavailable; stored responses and conversations cannot be "
+        "read or written right now. Retry shortly.",
+        code="state_store_unavailable",
     )

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from deployments.api.conversation_objects import parse_list_params
-from deployments.api.errors import OpenAIError, from_validation_error
+from deployments.api.errors import OpenAIError, parse_body
 from deployments.api.files import FilesApi, state_call
 from deployments.api.responses_protocol import Metadata
 from deployments.config.tiered import TieredConfig
@@ -152,7 +152,7 @@ class JobsApi:
         self.wake = wake  # tells the runner to look at the jobs now
 
     async def create(self, tenant: str, body: Any) -> dict[str, Any]:
-        req = self._parse(body)
+        req = parse_body(CreateJobBody, body)
         await self.files.ready()
         spec = self.config.tenant(tenant)
         model = next((m for m in self.config.models if m.name == req.model), None)
@@ -258,15 +258,6 @@ class JobsApi:
         return _page([checkpoint_object(job, c) for c in found], more)
 
     # ---- steps ---------------------------------------------------------------------------
-    @staticmethod
-    def _parse(body: Any) -> CreateJobBody:
-        if not isinstance(body, dict):
-            raise OpenAIError(400, "the request body must be a JSON object")
-        try:
-            return CreateJobBody.model_validate(body)
-        except ValidationError as exc:
-            raise from_validation_error(exc) from None
-
     async def _file(self, tenant: str, file_id: str, param: str) -> Any:
         """The tenant's fine-tune file; another tenant's id reads like a missing one."""
         try:
