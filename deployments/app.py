@@ -14,11 +14,11 @@ from typing import Any
 from ray import serve
 
 from deployments.api.ingress import DRAIN_TIMEOUT_S, Ingress
-from deployments.config.plan import INGRESS_DEPLOYMENT, deployment_plan
+from deployments.config.plan import FINE_TUNING_DEPLOYMENT, INGRESS_DEPLOYMENT, deployment_plan
 from deployments.config.tiered import TieredConfig, load_config, parse_config
 from deployments.replicas.model_server import model_server_app
 from deployments.tenancy.admission import INGRESS_HEARTBEAT_S
-from deployments.training.runner import FINE_TUNING_DEPLOYMENT, FineTuningRunner
+from deployments.training.runner import FineTuningRunner
 
 
 def build_from_config(config: TieredConfig) -> serve.Application:

@@ -12,9 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from deployments.config.models import ReplicaSpec
-from deployments.config.plan import INGRESS_DEPLOYMENT, deployment_plan
+from deployments.config.plan import FINE_TUNING_DEPLOYMENT, INGRESS_DEPLOYMENT, deployment_plan
 from deployments.config.tiered import TieredConfig
-from deployments.training.runner import FINE_TUNING_DEPLOYMENT
 
 APP_NAME = "tiered"
 IMPORT_PATH = "deployments.app:build"

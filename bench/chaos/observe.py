@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from deployments.config.plan import INGRESS_DEPLOYMENT
+from deployments.config.plan import FINE_TUNING_DEPLOYMENT, INGRESS_DEPLOYMENT
 
 POLL_S = 0.2
 
@@ -45,7 +45,7 @@ def model_deployments(app: str) -> dict[str, int]:
 
     deps = serve.status().applications[app].deployments
     return {n: d.replica_states.get("RUNNING", 0)
-            for n, d in deps.items() if n != INGRESS_DEPLOYMENT}
+            for n, d in deps.items() if n not in (INGRESS_DEPLOYMENT, FINE_TUNING_DEPLOYMENT)}
 
 
 def replica_stats(app: str, deployment: str, timeout_s: float = 30.0) -> list[dict]:

@@ -21,6 +21,7 @@ Tier = Literal["shared", "dedicated"]
 # What a ledger row bills: a tier's serving, or a fine-tuning job's trained tokens.
 BilledTier = Literal["shared", "dedicated", "training"]
 INGRESS_DEPLOYMENT = "ingress"
+FINE_TUNING_DEPLOYMENT = "fine-tuning"  # the job runner (deployments.training.runner)
 ADMISSION_NAMESPACE = "tiered"
 
 

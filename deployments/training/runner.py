@@ -58,7 +58,6 @@ from deployments.training.task import TrainingAssignment, TrainingOutcome, run_t
 from models.default_model import resolve_model_path
 
 log = logging.getLogger(__name__)
-FINE_TUNING_DEPLOYMENT = "fine-tuning"
 TASK_NAME = "fine-tuning-task"
 SERVE_REPLICA_CLASS = "ServeReplica:"  # Serve's replica actors' class names
 SERVE_REPLICA_NAME = "SERVE_REPLICA::"  # and their (placement groups') names
