@@ -13,7 +13,7 @@ from deployments.state.store import StateStore
 from deployments.tenancy.types import UsageRecord
 
 T = TypeVar("T")
-HEAD = "0004"
+HEAD = "0005"
 DAY1 = datetime(2025, 3, 10, tzinfo=UTC)
 
 

@@ -36,7 +36,7 @@ from tests.serve_helpers import wait_for_usage
 
 pytest.importorskip("peft")
 
-KEYS = {t: f"tk-ft-{t}" for t in ("globex", "initech")}
+KEYS = {t: f"tk-ft-{t}" for t in ("globex", "initech", "hooli")}
 ADMIN_KEY = "tk-ft-admin"
 TRAINING_PRICE = 3.0  # per 1M trained tokens
 MODEL = "tiny-llama"
@@ -46,9 +46,11 @@ N_EPOCHS, BATCH = 6, 4  # 12 steps
 MAX_SEQ_LEN = 96
 TOL = 1e-4  # as tests/test_lora_reference.py
 MAX_ACTIVE = 2
+DAILY_EPOCHS = 200  # the daily token limit, in epochs of training_jsonl()
 
 
 def _config(model_dir: Path, files_root: Path) -> TieredConfig:
+    daily_tokens = DAILY_EPOCHS * epoch_tokens(model_dir, training_jsonl())
     engine = {"num_kv_blocks": 128, "max_num_seqs": 4, "max_loras": 2}
     return TieredConfig.model_validate(
         {
@@ -68,7 +70,8 @@ def _config(model_dir: Path, files_root: Path) -> TieredConfig:
             "files": {"root": str(files_root)},
             "fine_tuning": {"base_learning_rate": 1e-3, "max_seq_len": MAX_SEQ_LEN,
                             "poll_interval_s": 0.2, "lora": {"r": 8, "alpha": 16},
-                            "max_active_jobs_per_tenant": MAX_ACTIVE},
+                            "max_active_jobs_per_tenant": MAX_ACTIVE,
+                            "max_tokens_per_tenant_per_day": daily_tokens},
         }
     )  # fmt: skip
 
@@ -95,6 +98,12 @@ def training_jsonl() -> str:
         for q in QUESTIONS
     ]
     return "".join(json.dumps(line) + "\n" for line in lines)
+
+
+def epoch_tokens(model_dir: Path, text: str) -> int:
+    """One epoch's trained tokens (OpenAI's count: every token of every example)."""
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    return sum(len(encode_example(tokenizer, e).ids) for e in parse_chat_jsonl(text.encode()))
 
 
 def upload(c: openai.OpenAI, text: str) -> str:
@@ -283,11 +292,7 @@ def test_killing_the_training_worker_resumes_from_the_last_checkpoint(
     assert "Training started (attempt 2)" in messages
     total = epochs * math.ceil(len(QUESTIONS) / batch)
     assert steps == {total // epochs * e for e in range(1, epochs + 1)}
-    tokenizer = Tokenizer.from_pretrained(tiny_model_dir)
-    per_epoch = sum(
-        len(encode_example(tokenizer, e).ids) for e in parse_chat_jsonl(training_jsonl().encode())
-    )
-    assert done.trained_tokens == epochs * per_epoch
+    assert done.trained_tokens == epochs * epoch_tokens(tiny_model_dir, training_jsonl())
     csv = c.files.content(done.result_files[0]).text.splitlines()
     assert [int(line.split(",")[0]) for line in csv[1:]] == list(range(1, total + 1))
 
@@ -307,6 +312,27 @@ def test_a_tenant_may_have_only_so_many_active_jobs(root: str) -> None:
     assert listed == [j.id for j in reversed(jobs)]  # newest first
     again = c.fine_tuning.jobs.create(model=MODEL, training_file=file_id)
     assert c.fine_tuning.jobs.cancel(again.id).status == "cancelled"
+
+
+def test_a_tenants_jobs_may_train_only_so_many_tokens_a_day(
+    root: str, tiny_model_dir: Path
+) -> None:
+    c = client(root, "hooli")
+    per_epoch = epoch_tokens(tiny_model_dir, training_jsonl())
+    limit = DAILY_EPOCHS * per_epoch
+    four = upload(c, training_jsonl() * 4)  # 50 epochs of it: the whole day's tokens
+    whole_day = c.fine_tuning.jobs.create(
+        model=MODEL, training_file=four, hyperparameters={"n_epochs": 50, "batch_size": 1}
+    )
+    one_more = {"training_file": upload(c, training_jsonl()), "hyperparameters": {"n_epochs": 1}}
+    with pytest.raises(openai.RateLimitError) as err:
+        c.fine_tuning.jobs.create(model=MODEL, **one_more)
+    assert err.value.body["code"] == "daily_token_limit_exceeded"
+    message = err.value.body["message"]
+    assert f"would train {per_epoch} tokens" in message and f"limit of {limit} tokens" in message
+    assert c.fine_tuning.jobs.cancel(whole_day.id).status == "cancelled"
+    listed = [j.id for j in c.fine_tuning.jobs.list()]
+    assert listed == [whole_day.id]  # the refused create wrote no job
 
 
 def test_a_file_unusable_in_training_fails_the_job_with_the_reason(root: str) -> None:

@@ -3,6 +3,7 @@ PostgreSQL: conditional status changes, paging, tenant scoping."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -101,6 +102,41 @@ def test_events_and_checkpoints_newest_first_scoped_to_the_jobs_tenant(
             assert await files.delete("b", "file-x") is None
             assert await files.delete("a", "file-x") == made
             assert await files.get("a", "file-x") is None
+        finally:
+            await store.close()
+
+    run(body())
+
+
+def test_a_tenants_daily_tokens_count_estimates_of_running_jobs_and_trained_tokens_of_ended(
+    state_spec: StateSpec,  # noqa: F811
+) -> None:
+    async def body() -> None:
+        store = await StateStore.open(state_spec)
+        jobs = JobStore(store)
+        try:
+            made = {
+                "ftjob-old": (-25 * 3600, 1000),  # created over a day before T0: not counted
+                "ftjob-run": (0, 300),  # active: counts its estimate
+                "ftjob-done": (1, 200),  # succeeded: what it trained
+                "ftjob-bad": (2, 0),  # failed validation: trained nothing
+                "ftjob-stop": (3, 500),  # cancelled after some steps
+                "ftjob-pre": (4, None),  # created before the estimate existed (r0004)
+            }
+            for job_id, (at, estimate) in made.items():
+                await jobs.create(replace(job(job_id, at=at), estimated_tokens=estimate))
+            await jobs.create(replace(job("ftjob-b", tenant="b"), estimated_tokens=4000))
+            await jobs.transition("ftjob-done", "succeeded", ACTIVE, trained_tokens=200)
+            await jobs.transition("ftjob-bad", "failed", ACTIVE, trained_tokens=None)
+            await jobs.transition("ftjob-stop", "cancelled", ACTIVE, trained_tokens=40)
+            await jobs.update("ftjob-pre", trained_tokens=7)
+            day_ago = T0 - timedelta(days=1)
+            assert await jobs.tokens_since("a", day_ago) == 300 + 200 + 40 + 7
+            assert await jobs.tokens_since("b", day_ago) == 4000
+            assert await jobs.tokens_since("a", T0 + timedelta(seconds=5)) == 0
+            assert (await jobs.get("a", "ftjob-run")) == replace(
+                job("ftjob-run"), estimated_tokens=300
+            )
         finally:
             await store.close()
 

@@ -445,7 +445,7 @@ def test_fresh_db_matches_the_models(state_spec: StateSpec) -> None:  # noqa: F8
         return await revision(s), diff, tables
 
     rev, diff, tables = with_stores(state_spec, body)
-    assert rev == [HEAD] == ["0004"]
+    assert rev == [HEAD] == ["0005"]
     assert diff == []
     expected = {"responses", "conversations", "conversation_items", "ledger", "adapters", "files"}
     assert expected <= tables
@@ -461,7 +461,7 @@ def test_0001_database_upgrades_keeping_the_ledger(state_spec: StateSpec) -> Non
             assert await Ledger(old).write([rec("r1"), rec("r2")]) == 2
         finally:
             await old.close()
-        with pytest.raises(StateError, match="revision 0001, this Tiered needs 0004"):
+        with pytest.raises(StateError, match="revision 0001, this Tiered needs 0005"):
             await StateStore.open(state_spec.model_copy(update={"migrate": False}))
         store = await StateStore.open(state_spec)
         try:
@@ -472,7 +472,7 @@ def test_0001_database_upgrades_keeping_the_ledger(state_spec: StateSpec) -> Non
             await store.close()
 
     rev, ledger_rows, stored = run(go())
-    assert rev == ["0004"] and ledger_rows == 2
+    assert rev == ["0005"] and ledger_rows == 2
     assert stored is not None and stored.id == "resp_1"
 
 

@@ -134,13 +134,16 @@ class FilesApi:
         return file_object(await self.stored(tenant, file_id))
 
     async def content(self, tenant: str, file_id: str) -> Response:
-        stored = await self.stored(tenant, file_id)
+        data = await self.read(await self.stored(tenant, file_id))
+        return Response(data, media_type="application/octet-stream")
+
+    async def read(self, stored: StoredFile) -> bytes:
+        """The file's bytes (also the jobs API's, to count a training file's tokens)."""
         try:
-            data = await asyncio.to_thread(self.blobs.get, stored.path)
+            return await asyncio.to_thread(self.blobs.get, stored.path)
         except FileNotFoundError:
             log.error("file %s has a row but no bytes at %s", stored.id, stored.path)
-            raise file_not_found(file_id) from None
-        return Response(data, media_type="application/octet-stream")
+            raise file_not_found(stored.id) from None
 
     async def delete(self, tenant: str, file_id: str) -> dict[str, Any]:
         await self.ready()

@@ -119,7 +119,7 @@ class Ingress(FineTuningRoutes):
         self.adapters = AdapterAdmin(self.catalog, handles, self.config.ingress.request_timeout_s)
         self.files = FilesApi(self.store, self.config.files, self.catalog.prepare)
         self.fine_tuning = fine_tuning  # the runner (deployments.training.runner)
-        self.jobs = JobsApi(self.config, JobStore(self.store), self.files, self._wake_runner)
+        self.jobs = JobsApi(self.catalog, JobStore(self.store), self.files, self._wake_runner)
         set_body_limit(
             app,
             self.config.ingress.max_body_bytes,

@@ -6,23 +6,31 @@ other id, another tenant's included, is the same 400), `method` (supervised only
 hyperparameters (OpenAI's ranges; "auto" resolved from the config). The job starts in
 `validating_files`; the runner (deployments.training.runner) takes it from there. Jobs,
 events and checkpoints are read from the state store, scoped by tenant.
+
+A tenant's jobs are limited two ways (429s): how many have not ended
+(`max_active_jobs_per_tenant`) and how many tokens its jobs train in 24 hours
+(`max_tokens_per_tenant_per_day`). For the second, a create tokenizes the training file
+with the base model's tokenizer and chat template, as the trainer will, and stores the
+job's tokens (all of every example, times n_epochs: OpenAI's `trained_tokens`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from deployments.api.catalog import ModelCatalog
 from deployments.api.conversation_objects import parse_list_params
 from deployments.api.errors import OpenAIError, parse_body
 from deployments.api.files import FilesApi, state_call
 from deployments.api.responses_protocol import Metadata
-from deployments.config.tiered import TieredConfig
+from deployments.state.files import StoredFile
 from deployments.state.jobs import (
     ACTIVE,
     TERMINAL,
@@ -33,10 +41,14 @@ from deployments.state.jobs import (
     StoredJob,
 )
 from deployments.state.stored import UnknownCursorError
+from models.chat_data import ChatDataError, parse_chat_jsonl
+from models.finetune import encode_dataset
+from models.tokenizer import Tokenizer
 
 JOB_ID_PREFIX = "ftjob-"
 Auto = Literal["auto"]
 Suffix = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+DAY = timedelta(days=1)
 
 
 class HyperparametersBody(BaseModel):
@@ -133,6 +145,16 @@ def _page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
     return {"object": "list", "data": data, "has_more": has_more}
 
 
+def estimate_tokens(tokenizer: Tokenizer, data: bytes, n_epochs: int, max_seq_len: int) -> int:
+    """The tokens a job on this training file will train, counted as the trainer counts
+    them; 0 for a file the trainer refuses (the job fails validation, training nothing)."""
+    try:
+        encoded = encode_dataset(tokenizer, parse_chat_jsonl(data), max_seq_len)
+    except ChatDataError:
+        return 0
+    return n_epochs * sum(len(e.ids) for e in encoded)
+
+
 def job_not_found(job_id: str) -> OpenAIError:
     return OpenAIError(
         404,
@@ -144,9 +166,10 @@ def job_not_found(job_id: str) -> OpenAIError:
 
 class JobsApi:
     def __init__(
-        self, config: TieredConfig, jobs: JobStore, files: FilesApi, wake: Callable[[], None]
+        self, catalog: ModelCatalog, jobs: JobStore, files: FilesApi, wake: Callable[[], None]
     ) -> None:
-        self.config = config
+        self.config = catalog.config
+        self.models = catalog.models  # the base models (their tokenizers), by name
         self.jobs = jobs
         self.files = files
         self.wake = wake  # tells the runner to look at the jobs now
@@ -163,11 +186,12 @@ class JobsApi:
                 param="model",
                 code="model_not_found",
             )
-        if model.engine.max_loras == 0:
+        served = self.models.get(model.name)
+        if model.engine.max_loras == 0 or served is None:
+            why = "no deployment serves it" if served is None else "it is served without LoRA"
             raise OpenAIError(
                 400,
-                f"The model '{model.name}' is not available for fine-tuning: it is served "
-                "without LoRA (engine.max_loras: 0).",
+                f"The model '{model.name}' is not available for fine-tuning: {why}.",
                 param="model",
                 code="model_not_fine_tunable",
             )
@@ -183,6 +207,8 @@ class JobsApi:
         if req.validation_file is not None:
             await self._file(tenant, req.validation_file, "validation_file")
         hp = self._hyperparameters(req, training.examples)
+        now = datetime.now(UTC)
+        tokens = await self._within_daily_tokens(tenant, served.tokenizer, training, hp, now)
         job = StoredJob(
             id=JOB_ID_PREFIX + uuid.uuid4().hex[:24],
             tenant=tenant,
@@ -194,7 +220,8 @@ class JobsApi:
             seed=req.seed if req.seed is not None else random.randrange(2**31),
             metadata=req.metadata,
             status="validating_files",
-            created_at=datetime.now(UTC),
+            created_at=now,
+            estimated_tokens=tokens,
         )
         await state_call(self.jobs.create(job))
         await state_call(self.jobs.add_event(job, job.created_at, "Created fine-tuning job"))
@@ -258,6 +285,35 @@ class JobsApi:
         return _page([checkpoint_object(job, c) for c in found], more)
 
     # ---- steps ---------------------------------------------------------------------------
+    async def _within_daily_tokens(
+        self,
+        tenant: str,
+        tokenizer: Tokenizer,
+        training: StoredFile,
+        hp: Hyperparameters,
+        now: datetime,
+    ) -> int:
+        """The job's tokens; a 429 if with them the tenant's jobs of the last 24 hours
+        would train more than `max_tokens_per_tenant_per_day`."""
+        ft = self.config.fine_tuning
+        data = await self.files.read(training)
+        tokens = await asyncio.to_thread(
+            estimate_tokens, tokenizer, data, hp.n_epochs, ft.max_seq_len
+        )
+        limit = ft.max_tokens_per_tenant_per_day
+        if limit is None:
+            return tokens
+        used = await state_call(self.jobs.tokens_since(tenant, now - DAY))
+        if used + tokens > limit:
+            raise OpenAIError(
+                429,
+                f"This job would train {tokens} tokens; with the {used} your fine-tuning "
+                f"jobs trained or will train in the last 24 hours that passes the limit of "
+                f"{limit} tokens per day (max_tokens_per_tenant_per_day).",
+                code="daily_token_limit_exceeded",
+            )
+        return tokens
+
     async def _file(self, tenant: str, file_id: str, param: str) -> Any:
         """The tenant's fine-tune file; another tenant's id reads like a missing one."""
         try:

@@ -73,6 +73,13 @@ class FineTuningSpec(BaseModel):
     max_active_jobs_per_tenant: int = Field(
         4, ge=1, description="A tenant's jobs not yet ended; one more is a 429."
     )
+    max_tokens_per_tenant_per_day: int | None = Field(
+        None,
+        ge=1,
+        description="A tenant's trained tokens over 24 hours (its jobs' estimates while "
+        "they run, what they trained once ended); a job that would pass it is a 429. "
+        "None: unlimited.",
+    )
     max_attempts: int = Field(3, ge=1, description="Starts of one job (resumes included).")
     poll_interval_s: float = Field(1.0, gt=0, description="How often the runner reads jobs.")
     yield_after_s: float = Field(

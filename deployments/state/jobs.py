@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Literal, cast
 
-from sqlalchemy import Row, Select, Table, func, insert, select, update
+from sqlalchemy import Row, Select, Table, case, func, insert, select, update
 
 from deployments.state.schema import FineTuningCheckpointRow, FineTuningEventRow, FineTuningJobRow
 from deployments.state.store import StateStore
@@ -57,6 +57,7 @@ class StoredJob:
     heartbeat_at: datetime | None = None
     attempts: int = 0
     resume_from: str | None = None
+    estimated_tokens: int | None = None  # the schedule's trained tokens, counted at create
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,23 @@ class JobStore:
         """The tenant's jobs not yet ended (its concurrency, for the per-tenant limit)."""
         c = JOBS.c
         stmt = select(func.count()).where(c.tenant == tenant, c.status.in_(ACTIVE))
+        with unavailable(self.store):
+            async with self.store.engine.connect() as conn:
+                return int((await conn.execute(stmt)).scalar_one())
+
+    async def tokens_since(self, tenant: str, since: datetime) -> int:
+        """The tenant's trained tokens of jobs created since `since` (its daily limit): a
+        job not yet ended counts its estimate (what it will train), an ended one what it
+        trained, so a job that failed validation counts nothing and a cancelled one only
+        the steps it ran."""
+        c = JOBS.c
+        tokens = case(
+            (c.status.in_(ACTIVE), func.coalesce(c.estimated_tokens, c.trained_tokens)),
+            else_=c.trained_tokens,
+        )
+        stmt = select(func.coalesce(func.sum(tokens), 0)).where(
+            c.tenant == tenant, c.created_at >= since
+        )
         with unavailable(self.store):
             async with self.store.engine.connect() as conn:
                 return int((await conn.execute(stmt)).scalar_one())

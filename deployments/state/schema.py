@@ -240,6 +240,8 @@ class FineTuningJobRow(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer)  # training starts, resumes included
     resume_from: Mapped[str | None] = mapped_column(String, nullable=True)  # a checkpoint key
+    # The training file's tokens x n_epochs, counted at create (the daily token limit).
+    estimated_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     __table_args__ = (
         Index("ix_fine_tuning_jobs_tenant_created_at", "tenant", "created_at"),
