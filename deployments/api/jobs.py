@@ -19,9 +19,9 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -45,6 +45,7 @@ from models.chat_data import ChatDataError, parse_chat_jsonl
 from models.finetune import encode_dataset
 from models.tokenizer import Tokenizer
 
+T = TypeVar("T")
 JOB_ID_PREFIX = "ftjob-"
 Auto = Literal["auto"]
 Suffix = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
@@ -141,8 +142,20 @@ def checkpoint_object(job: StoredJob, checkpoint: JobCheckpoint) -> dict[str, An
     }
 
 
-def _page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
-    return {"object": "list", "data": data, "has_more": has_more}
+async def _paged(
+    found: Coroutine[Any, Any, tuple[list[T], bool]], to_object: Callable[[T], dict[str, Any]]
+) -> dict[str, Any]:
+    """One page of a store's keyset list as OpenAI's list object; an `after` that is not
+    in the list is a 400."""
+    try:
+        items, more = await state_call(found)
+    except UnknownCursorError as exc:
+        raise OpenAIError(
+            400,
+            f"Invalid value for 'after': {exc.after[:128]!r} is not in this list.",
+            param="after",
+        ) from None
+    return {"object": "list", "data": [to_object(i) for i in items], "has_more": more}
 
 
 def estimate_tokens(tokenizer: Tokenizer, data: bytes, n_epochs: int, max_seq_len: int) -> int:
@@ -231,13 +244,7 @@ class JobsApi:
     async def list(self, tenant: str, query: dict[str, str]) -> dict[str, Any]:
         params = parse_list_params(query)
         await self.files.ready()
-        try:
-            jobs, more = await state_call(self.jobs.list_jobs(tenant, params.after, params.limit))
-        except UnknownCursorError:
-            raise OpenAIError(
-                400, "Invalid value for 'after': no such job.", param="after"
-            ) from None
-        return _page([job_object(j) for j in jobs], more)
+        return await _paged(self.jobs.list_jobs(tenant, params.after, params.limit), job_object)
 
     async def get(self, tenant: str, job_id: str) -> StoredJob:
         await self.files.ready()
@@ -265,24 +272,14 @@ class JobsApi:
     async def events(self, tenant: str, job_id: str, query: dict[str, str]) -> dict[str, Any]:
         await self.get(tenant, job_id)
         params = parse_list_params(query)
-        try:
-            events, more = await state_call(
-                self.jobs.events(tenant, job_id, params.after, params.limit)
-            )
-        except UnknownCursorError:
-            raise OpenAIError(400, "Invalid value for 'after'.", param="after") from None
-        return _page([event_object(e) for e in events], more)
+        found = self.jobs.events(tenant, job_id, params.after, params.limit)
+        return await _paged(found, event_object)
 
     async def checkpoints(self, tenant: str, job_id: str, query: dict[str, str]) -> dict[str, Any]:
         job = await self.get(tenant, job_id)
         params = parse_list_params(query)
-        try:
-            found, more = await state_call(
-                self.jobs.checkpoints(tenant, job_id, params.after, params.limit)
-            )
-        except UnknownCursorError:
-            raise OpenAIError(400, "Invalid value for 'after'.", param="after") from None
-        return _page([checkpoint_object(job, c) for c in found], more)
+        found = self.jobs.checkpoints(tenant, job_id, params.after, params.limit)
+        return await _paged(found, lambda c: checkpoint_object(job, c))
 
     # ---- steps ---------------------------------------------------------------------------
     async def _within_daily_tokens(

@@ -10,9 +10,10 @@ from typing import Any, cast
 
 from sqlalchemy import Row, Table, delete, insert, select
 
+from deployments.state.keyset import keyset_page
 from deployments.state.schema import FileRow
 from deployments.state.store import StateStore
-from deployments.state.stored import Order, UnknownCursorError, unavailable
+from deployments.state.stored import Order, unavailable
 
 FILES = cast(Table, FileRow.__table__)
 
@@ -73,31 +74,10 @@ class FileStore:
         """Up to `limit` files after the file `after`, by creation time (then id) in
         `order`; UnknownCursorError if `after` is not one of the tenant's files."""
         c = FILES.c
-        stmt = select(FILES).where(c.tenant == tenant)
-        if purpose is not None:
-            stmt = stmt.where(c.purpose == purpose)
-        with unavailable(self.store):
-            async with self.store.engine.connect() as conn:
-                if after is not None:
-                    cursor = (
-                        await conn.execute(
-                            select(c.created_at, c.id).where(c.id == after, c.tenant == tenant)
-                        )
-                    ).first()
-                    if cursor is None:
-                        raise UnknownCursorError(after)
-                    key, at = (c.created_at, c.id), (cursor[0], cursor[1])
-                    stmt = stmt.where(
-                        (key[0] > at[0]) | ((key[0] == at[0]) & (key[1] > at[1]))
-                        if order == "asc"
-                        else (key[0] < at[0]) | ((key[0] == at[0]) & (key[1] < at[1]))
-                    )
-                if order == "asc":
-                    stmt = stmt.order_by(c.created_at.asc(), c.id.asc())
-                else:
-                    stmt = stmt.order_by(c.created_at.desc(), c.id.desc())
-                rows = (await conn.execute(stmt.limit(limit + 1))).all()
-        return FilePage([_file(r) for r in rows[:limit]], len(rows) > limit)
+        only = [] if purpose is None else [c.purpose == purpose]
+        scope, keys = [c.tenant == tenant], [c.created_at, c.id]
+        rows, more = await keyset_page(self.store, FILES, scope, keys, after, limit, order, only)
+        return FilePage([_file(r) for r in rows], more)
 
     async def delete(self, tenant: str, file_id: str) -> StoredFile | None:
         """Remove the row; the file as it was, or None if the tenant has no such file."""

@@ -14,11 +14,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Literal, cast
 
-from sqlalchemy import Row, Select, Table, case, func, insert, select, update
+from sqlalchemy import Row, Table, case, func, insert, select, update
 
+from deployments.state.keyset import keyset_page
 from deployments.state.schema import FineTuningCheckpointRow, FineTuningEventRow, FineTuningJobRow
 from deployments.state.store import StateStore
-from deployments.state.stored import UnknownCursorError, unavailable
+from deployments.state.stored import unavailable
 
 JOBS = cast(Table, FineTuningJobRow.__table__)
 EVENTS = cast(Table, FineTuningEventRow.__table__)
@@ -128,23 +129,10 @@ class JobStore:
         """Newest first, `limit` after the job `after` (UnknownCursorError if not the
         tenant's); and whether there are more."""
         c = JOBS.c
-        stmt = select(JOBS).where(c.tenant == tenant)
-        with unavailable(self.store):
-            async with self.store.engine.connect() as conn:
-                if after is not None:
-                    at = (
-                        await conn.execute(
-                            select(c.created_at, c.id).where(c.id == after, c.tenant == tenant)
-                        )
-                    ).first()
-                    if at is None:
-                        raise UnknownCursorError(after)
-                    stmt = stmt.where(
-                        (c.created_at < at[0]) | ((c.created_at == at[0]) & (c.id < at[1]))
-                    )
-                stmt = stmt.order_by(c.created_at.desc(), c.id.desc()).limit(limit + 1)
-                rows = (await conn.execute(stmt)).all()
-        return [_job(r) for r in rows[:limit]], len(rows) > limit
+        rows, more = await keyset_page(
+            self.store, JOBS, [c.tenant == tenant], [c.created_at, c.id], after, limit
+        )
+        return [_job(r) for r in rows], more
 
     async def count_active(self, tenant: str) -> int:
         """The tenant's jobs not yet ended (its concurrency, for the per-tenant limit)."""
@@ -229,7 +217,9 @@ class JobStore:
         self, tenant: str, job_id: str, after: str | None, limit: int
     ) -> tuple[list[JobEvent], bool]:
         """Newest first; UnknownCursorError for an `after` that is not this job's."""
-        rows, more = await self._page(EVENTS, EVENTS.c.seq, tenant, job_id, after, limit)
+        c = EVENTS.c
+        scope = [c.job_id == job_id, c.tenant == tenant]
+        rows, more = await keyset_page(self.store, EVENTS, scope, [c.seq], after, limit)
         return [_event(r) for r in rows], more
 
     async def add_checkpoint(
@@ -252,25 +242,8 @@ class JobStore:
         self, tenant: str, job_id: str, after: str | None, limit: int
     ) -> tuple[list[JobCheckpoint], bool]:
         """Newest (highest step) first."""
-        key = CHECKPOINTS.c.step_number
-        rows, more = await self._page(CHECKPOINTS, key, tenant, job_id, after, limit)
+        c = CHECKPOINTS.c
+        scope = [c.job_id == job_id, c.tenant == tenant]
+        keys = [c.step_number, c.id]  # unique even if a replayed step was saved twice
+        rows, more = await keyset_page(self.store, CHECKPOINTS, scope, keys, after, limit)
         return [_checkpoint(r) for r in rows], more
-
-    async def _page(
-        self, table: Table, key: Any, tenant: str, job_id: str, after: str | None, limit: int
-    ) -> tuple[list[Row[Any]], bool]:
-        c = table.c
-        stmt: Select[Any] = select(table).where(c.job_id == job_id, c.tenant == tenant)
-        with unavailable(self.store):
-            async with self.store.engine.connect() as conn:
-                if after is not None:
-                    at = (
-                        await conn.execute(
-                            select(key).where(c.id == after, c.job_id == job_id, c.tenant == tenant)
-                        )
-                    ).scalar_one_or_none()
-                    if at is None:
-                        raise UnknownCursorError(after)
-                    stmt = stmt.where(key < at)
-                rows = (await conn.execute(stmt.order_by(key.desc()).limit(limit + 1))).all()
-        return list(rows[:limit]), len(rows) > limit
