@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from deployments.config.tiered import TieredConfig
 from deployments.state.jobs import Hyperparameters, StoredJob
 from deployments.training.runner import placement_options
+from deployments.training.waiting import in_the_way, node_types
 
 
 def config(model_dir: Path, on_reservation: bool, **fine_tuning: object) -> TieredConfig:
@@ -75,3 +76,14 @@ def test_training_on_a_reservation_needs_its_node_type(tiny_model_dir: Path) -> 
                 ],
             }
         )  # fmt: skip
+
+
+def test_a_waiting_replica_stops_training_only_where_it_could_be_placed() -> None:
+    replica = {"CPU": 2.0, "memory": 1e9, "node:10.0.0.1": 0.001, "accelerator_type:H100": 1}
+    assert node_types(replica) == frozenset()  # Ray's own resources pin no node type
+    assert node_types({**replica, "shared_nodes": 0.001}) == {"shared_nodes"}
+    assert node_types({"CPU_group_0_abc": 1, "bundle_group_abc": 0.001}) == frozenset()
+    assert in_the_way("shared_nodes", frozenset({"shared_nodes"}))
+    assert in_the_way("shared_nodes", frozenset())  # an unpinned replica may go anywhere
+    assert in_the_way(None, frozenset({"acme_nodes"}))  # unpinned training may be anywhere
+    assert not in_the_way("shared_nodes", frozenset({"acme_nodes"}))

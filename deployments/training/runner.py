@@ -20,10 +20,13 @@ carries on where the last one stopped. Per tick:
   `max_attempts` starts;
 - a running job whose runner went silent (no heartbeat for `heartbeat_timeout_s`) is
   re-queued the same way;
-- serving comes first: when a Serve replica (or its placement group) has waited
-  `yield_after_s` for resources, every training task is stopped and its job queued again
-  (resuming from its last checkpoint, not counted as an attempt), and no job starts while
-  serving waits. Ray then places the replica in the capacity the tasks held.
+- serving comes first: when a Serve replica (or its placement group) that could be placed
+  on a training task's node type has waited `yield_after_s` for resources, every training
+  task on that node type is stopped and its job queued again (resuming from its last
+  checkpoint, not counted as an attempt), and no job starts there while serving waits.
+  Ray then places the replica in the capacity the tasks held. A replica pinned to another
+  node type (one that cannot be placed at all, say) leaves training alone: stopping it
+  would free nothing that replica could use.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from ray.exceptions import (
     TaskCancelledError,
     WorkerCrashedError,
 )
-from ray.util.state import list_actors, list_placement_groups
+from ray.util.state.exception import RayStateApiException
 
 from deployments.config.tiered import TieredConfig
 from deployments.state.adapters import AdapterExistsError, AdapterRegistry, NewAdapter
@@ -55,12 +58,11 @@ from deployments.state.store import StateStore
 from deployments.state.stored import unavailable
 from deployments.tenancy.types import UsageRecord, UsageStatus
 from deployments.training.task import TrainingAssignment, TrainingOutcome, run_training
+from deployments.training.waiting import in_the_way, waiting_replicas
 from models.default_model import resolve_model_path
 
 log = logging.getLogger(__name__)
 TASK_NAME = "fine-tuning-task"
-SERVE_REPLICA_CLASS = "ServeReplica:"  # Serve's replica actors' class names
-SERVE_REPLICA_NAME = "SERVE_REPLICA::"  # and their (placement groups') names
 LOST = (WorkerCrashedError, NodeDiedError, OwnerDiedError)
 # A job's end as its ledger row's status (a cancel is the client's, like a disconnect).
 BILLED_STATUS: dict[str, UsageStatus] = {
@@ -74,20 +76,25 @@ def fine_tuned_name(job: StoredJob) -> str:
     return f"ft:{job.model}:{job.tenant}:{job.suffix or ''}:{job.id}"
 
 
-def placement_options(config: TieredConfig, job: StoredJob) -> dict[str, Any]:
-    """Ray options of one job's training task: the resources it asks and the node type it
-    is pinned to. The policy: a dedicated tenant that opted in (`dedicated.
-    fine_tune_on_reservation`) trains its own model's jobs on its reserved node type;
-    every other job goes to `fine_tuning.node_type_resource`, by default the base model's
-    shared-pool node type; never to another tenant's reservation."""
-    ft = config.fine_tuning
+def training_node_type(config: TieredConfig, job: StoredJob) -> str | None:
+    """The node-type resource a job trains on (None: any node). The policy: a dedicated
+    tenant that opted in (`dedicated.fine_tune_on_reservation`) trains its own model's
+    jobs on its reserved node type; every other job goes to `fine_tuning.
+    node_type_resource`, by default the base model's shared-pool node type; never to
+    another tenant's reservation."""
     tenant = config.tenant(job.tenant)
     dedicated = tenant.dedicated if tenant is not None else None
     if dedicated and dedicated.fine_tune_on_reservation and dedicated.model == job.model:
-        resource = dedicated.replica.node_type_resource
-    else:
-        spec = next(m for m in config.models if m.name == job.model)
-        resource = ft.node_type_resource or spec.shared_pool.node_type_resource
+        return dedicated.replica.node_type_resource
+    spec = next(m for m in config.models if m.name == job.model)
+    return config.fine_tuning.node_type_resource or spec.shared_pool.node_type_resource
+
+
+def placement_options(config: TieredConfig, job: StoredJob) -> dict[str, Any]:
+    """Ray options of one job's training task: the resources it asks and the node type it
+    is pinned to (`training_node_type`)."""
+    ft = config.fine_tuning
+    resource = training_node_type(config, job)
     options: dict[str, Any] = {
         "num_cpus": ft.num_cpus,
         "num_gpus": ft.num_gpus,
@@ -99,16 +106,6 @@ def placement_options(config: TieredConfig, job: StoredJob) -> dict[str, Any]:
     return options
 
 
-def serving_waits() -> int:
-    """Serve replicas waiting for resources now: replica actors pending creation and
-    placement groups (a replica's TP bundles) pending, from Ray's state API."""
-    actors = list_actors(filters=[("state", "=", "PENDING_CREATION")], timeout=10)
-    groups = list_placement_groups(filters=[("state", "=", "PENDING")], timeout=10)
-    replicas = [a for a in actors if (a.class_name or "").startswith(SERVE_REPLICA_CLASS)]
-    bundles = [g for g in groups if (g.name or "").startswith(SERVE_REPLICA_NAME)]
-    return len(replicas) + len(bundles)
-
-
 class FineTuningRunner:
     async def __init__(self, config: dict[str, Any]) -> None:  # type: ignore[misc]
         self.config = TieredConfig.model_validate(config)
@@ -118,10 +115,12 @@ class FineTuningRunner:
         self.registry = AdapterRegistry(self.store)
         self.ledger = Ledger(self.store)
         self.owner = serve.get_replica_context().replica_id.unique_id
+        self.gcs_address = ray.get_runtime_context().gcs_address  # this cluster's state API
         self.running: dict[str, ray.ObjectRef] = {}
+        self.running_on: dict[str, str | None] = {}  # a running job's node type
         self._cancelled: set[str] = set()  # running jobs whose task was cancelled
         self._preempted: set[str] = set()  # tasks stopped so serving gets their capacity
-        self._waiting_since: datetime | None = None  # serving has waited for capacity since
+        self._waiting_since: dict[str | None, datetime] = {}  # by node type: serving waits
         self._wake = asyncio.Event()
         self._ready = False
         self._loop = asyncio.create_task(self._run())
@@ -156,6 +155,7 @@ class FineTuningRunner:
             ready, _ = ray.wait([ref], timeout=0)
             if ready:
                 del self.running[job_id]
+                del self.running_on[job_id]
                 self._cancelled.discard(job_id)
                 await self._finish(job_id, ref)
         for job in await self.jobs.with_status("validating_files"):
@@ -173,27 +173,40 @@ class FineTuningRunner:
             ):
                 await self._requeue(job, now, "its runner stopped")
         queued = await self.jobs.with_status("queued")
-        if (self.running or queued) and await self._serving_starved(now):
-            for job_id in list(self.running):
-                if job_id not in self._preempted:
-                    await self._preempt(job_id, now)
-            return  # nothing starts while serving waits
+        on = {job.id: training_node_type(self.config, job) for job in queued}
+        starved = await self._serving_starved(now, {*on.values(), *self.running_on.values()})
+        for job_id, node_type in list(self.running_on.items()):
+            if node_type in starved and job_id not in self._preempted:
+                await self._preempt(job_id, now)
         for job in queued:
             if len(self.running) >= self.spec.max_running_jobs:
                 break
-            await self._start(job, now)
+            if on[job.id] not in starved:  # nothing starts where serving waits
+                await self._start(job, now)
 
-    async def _serving_starved(self, now: datetime) -> bool:
-        """Whether serving has waited `yield_after_s` for capacity (a Serve replica or its
-        placement group pending): then training yields it. Off when yield_after_s is 0."""
-        if not self.spec.yield_after_s:
-            return False
-        waiting = await asyncio.to_thread(serving_waits)
-        if not waiting:
-            self._waiting_since = None
-            return False
-        self._waiting_since = self._waiting_since or now
-        return (now - self._waiting_since).total_seconds() >= self.spec.yield_after_s
+    async def _serving_starved(
+        self, now: datetime, training_on: set[str | None]
+    ) -> set[str | None]:
+        """The node types (of those training uses or would) on which serving has waited
+        `yield_after_s` for capacity (a Serve replica or its placement group pending
+        that could be placed there): training yields them. Off when yield_after_s is 0."""
+        if not self.spec.yield_after_s or not training_on:
+            self._waiting_since = {}
+            return set()
+        try:
+            waiting = await asyncio.to_thread(waiting_replicas, self.gcs_address)
+        except RayStateApiException as exc:  # no news this tick: what was waiting still is
+            log.warning("fine-tuning runner: Ray's state API did not answer: %s", exc)
+        else:
+            since = self._waiting_since
+            self._waiting_since = {
+                t: since.get(t, now) for t in training_on if any(in_the_way(t, w) for w in waiting)
+            }
+        return {
+            t
+            for t, at in self._waiting_since.items()
+            if t in training_on and (now - at).total_seconds() >= self.spec.yield_after_s
+        }
 
     async def _preempt(self, job_id: str, now: datetime) -> None:
         """Stop a running task for serving's sake: the job is queued again (this start is
@@ -238,6 +251,7 @@ class FineTuningRunner:
         )
         task = ray.remote(run_training).options(**placement_options(self.config, job))
         self.running[job.id] = task.remote(assignment)
+        self.running_on[job.id] = training_node_type(self.config, job)
         await self.jobs.add_event(job, now, f"Training started (attempt {job.attempts + 1})")
 
     async def _finish(self, job_id: str, ref: ray.ObjectRef) -> None:
