@@ -46,6 +46,8 @@ bench: $(STAMP)
 	$(PY) -m bench.ledger_bench
 	$(PY) -m bench.ledger_path_bench
 	$(PY) -m bench.lora_bench
+	$(PY) -m bench.finetune_bench
+	$(PY) -m bench.finetune_serving_bench
 	for s in throughput_sweep p3_overhead p4_isolation p5_fairness p6_prefix p7_autoscale; do \
 		$(VENV)/bin/tiered bench run $$s --no-progress || exit 1; done
 	$(VENV)/bin/tiered bench run p4_isolation --pinned --no-progress
