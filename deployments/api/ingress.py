@@ -36,6 +36,7 @@ from deployments.api.errors import (
 from deployments.api.files import FilesApi
 from deployments.api.finetune_routes import FineTuningRoutes
 from deployments.api.finetune_routes import router as fine_tuning_router
+from deployments.api.front_door import main_app_handles
 from deployments.api.jobs import JobsApi
 from deployments.api.limits import (
     admission_unavailable,
@@ -62,10 +63,11 @@ from deployments.state.jobs import JobStore
 from deployments.state.ledger import Ledger
 from deployments.state.responses import ResponseStore
 from deployments.state.store import StateStore
-from deployments.tenancy.client import AdmissionClient, AdmissionUnavailable
+from deployments.tenancy.client import AdmissionUnavailable
 from deployments.tenancy.key_source import KeySource
 from deployments.tenancy.keys import KeyRings
-from deployments.tenancy.policy import admission_config
+from deployments.tenancy.policy import admission_config, admission_shards
+from deployments.tenancy.shards import ShardedAdmission
 from deployments.tenancy.types import Admission, AdmissionRequest, UsageRecord
 
 INGRESS_HEADER = "x-tiered-ingress"
@@ -91,16 +93,29 @@ class Ingress(FineTuningRoutes):
         config: dict,
         handles: dict[str, DeploymentHandle],
         fine_tuning: DeploymentHandle | None = None,
+        door: str | None = None,
+        main_app: str | None = None,
     ) -> None:
+        """`door`: this is that tenant's own front door (deployments.api.front_door),
+        beside the main application `main_app`, whose model servers it calls by name."""
         self.config = TieredConfig.model_validate(config)
-        self.key_source = KeySource(self.config)  # warns of tenants without a key
+        # Warns of tenants without a key; a front door takes its own tenant's keys only.
+        self.key_source = KeySource(self.config, door=door)
+        context = serve.get_replica_context()
+        main_app = main_app or context.app_name
+        if door is not None:
+            handles = await main_app_handles(self.config, main_app)
         self.handles = handles  # pool key (deployments.config.plan) -> its deployment
         # Tokenizers from the replicas (or a named artifact): never the checkpoint here.
         self.models = await load_served_models(self.config, handles)
-        context = serve.get_replica_context()
         self.owner = context.replica_id.unique_id
-        self.admission = AdmissionClient(
-            context.app_name, admission_config(self.config, time.time()), self.owner
+        now = time.time()
+        shards = [door] if door is not None else admission_shards(self.config)
+        self.admission = ShardedAdmission(
+            main_app,
+            {None: admission_config(self.config, now)}
+            | {s: admission_config(self.config, now, s) for s in shards},
+            self.owner,
         )
         await self.admission.start()
         # The admission actor migrates and writes the ledger; this replica reads the
@@ -349,7 +364,9 @@ class Ingress(FineTuningRoutes):
         names the replica that served its previous turn and asks that its blocks be kept
         ahead of others in eviction (its next turn will want them)."""
         admission = await self._admit(
-            request, tenant, AdmissionRequest(
+            request,
+            tenant,
+            AdmissionRequest(
                 claim_id=claim_id,
                 tenant=tenant.name,
                 model=model.base,
