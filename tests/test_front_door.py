@@ -182,3 +182,22 @@ def test_spill_through_the_door_is_seated_by_the_shared_shard_and_billed_once(
     state = admin_get(urls["root"], "/admin/state", KEYS["admin"])
     assert state["dedicated"]["acme"]["in_use"] == 0
     assert state["pools"][MODEL]["in_use"] == 0
+
+
+def test_the_serve_config_lists_each_door_as_an_application(tiny_model_dir: Path) -> None:
+    """`tiered config render` (and so `serve deploy`, Helm) deploys the door beside the
+    main application, and its import path builds it."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from deployments.app import build_front_door
+    from deployments.render import FRONT_DOOR_IMPORT_PATH, render_serve_config
+
+    rendered = render_serve_config(_config(tiny_model_dir))
+    ServeDeploySchema(**rendered)
+    main, door = rendered["applications"]
+    assert (main["name"], main["route_prefix"]) == ("tiered", "/")
+    assert (door["name"], door["route_prefix"]) == ("tiered--acme", "/tenants/acme")
+    assert door["import_path"] == FRONT_DOOR_IMPORT_PATH
+    assert door["deployments"] == [{"name": "ingress", "num_replicas": 1}]
+    app = build_front_door(door["args"])
+    assert isinstance(app, serve.Application)
