@@ -15,6 +15,8 @@ import multiprocessing
 import os
 import queue
 from dataclasses import dataclass
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
 
 from bench.client import RequestRecord
 from bench.runner import Runner, RunResult
@@ -42,7 +44,7 @@ def _subset(scenario: Scenario, tenants: tuple[str, ...]) -> Scenario:
 
 def _child(
     scenario: Scenario, group: ClientGroup, endpoints: dict[str, str], tokenizer: str | None,
-    show_progress: bool, barrier, results,  # type: ignore[no-untyped-def]
+    show_progress: bool, barrier: Barrier, results: Queue,
 ) -> None:
     os.sched_setaffinity(0, set(group.cpus))
     runner = Runner(

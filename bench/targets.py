@@ -16,12 +16,16 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from rich.console import Console
 
 from bench.scenario import Scenario, ScenarioError
 from bench.split_clients import ClientGroup
+
+if TYPE_CHECKING:
+    from deployments.config.tiered import TieredConfig
 
 APP, ECHO_APP = "tiered", "echo"
 DEPLOY_DEADLINE_S = 300.0
@@ -43,7 +47,7 @@ def url_target(url: str, extra: dict[str, str]) -> Target:
     return Target({"main": url.rstrip("/"), **extra}, f"given URL {url}")
 
 
-def tiered_config(scenario: Scenario):  # type: ignore[no-untyped-def]
+def tiered_config(scenario: Scenario) -> tuple[TieredConfig, Path]:
     """The Tiered config the local cluster runs for this scenario."""
     from deployments.config.tiered import DEFAULT_CONFIG, load_config
 
@@ -70,7 +74,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _deploy(app, name: str, route_prefix: str, deadline_s: float) -> None:  # type: ignore[no-untyped-def]
+def _deploy(app: Any, name: str, route_prefix: str, deadline_s: float) -> None:
     """serve.run (which waits for the app to be ready) under a deadline, in a thread;
     then the app's status must be RUNNING."""
     from ray import serve
@@ -139,7 +143,9 @@ def local_target(scenario: Scenario, pinned: bool, console: Console) -> Iterator
     config, path = tiered_config(scenario)
     dedicated = place_on_two_nodes(config) if pinned else []
     config = type(config).model_validate(config.model_dump())
-    model_dir = str(resolve_model_path(config.model(scenario.model).path))
+    model = config.model(scenario.model)
+    assert model is not None  # tiered_config checked it
+    model_dir = str(resolve_model_path(model.path))
     port, door_port = _free_port(), _free_port()
     with ExitStack() as stack:
         groups = []
@@ -175,8 +181,8 @@ def local_target(scenario: Scenario, pinned: bool, console: Console) -> Iterator
             from bench.echo_app import echo_app
 
             with console.status("deploying the echo app"):
-                app = echo_app(config.ingress.num_replicas)
-                _deploy(app, ECHO_APP, "/echo", DEPLOY_DEADLINE_S)
+                echo = echo_app(config.ingress.num_replicas)
+                _deploy(echo, ECHO_APP, "/echo", DEPLOY_DEADLINE_S)
             endpoints["echo"] = f"{root}/echo/v1"
         watcher = ReplicaWatcher(APP, scenario.target.watch) if scenario.target.watch else None
         settings = {

@@ -20,11 +20,17 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from bench.scenario import Scenario, ScenarioError
 from bench.split_clients import ClientGroup
+
+if TYPE_CHECKING:
+    from ray.cluster_utils import Cluster
+
+    from deployments.config.tiered import TieredConfig
 
 SHARED_NODE, DEDICATED_NODE = "node_shared", "node_dedicated"
 
@@ -40,7 +46,7 @@ def _affinity(cpus: list[int]) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
-def place_on_two_nodes(config) -> list[str]:  # type: ignore[no-untyped-def]
+def place_on_two_nodes(config: TieredConfig) -> list[str]:
     """Shared pools and the shared front door on the shared node, each dedicated tenant's
     copy and front door on the dedicated node; returns the dedicated tenants."""
     from deployments.config.tenants import FrontDoorSpec
@@ -63,7 +69,9 @@ def place_on_two_nodes(config) -> list[str]:  # type: ignore[no-untyped-def]
     return dedicated
 
 
-def client_groups(scenario: Scenario, dedicated: list[str], cpus: tuple[list[int], list[int]]):  # type: ignore[no-untyped-def]
+def client_groups(
+    scenario: Scenario, dedicated: list[str], cpus: tuple[list[int], list[int]]
+) -> list[ClientGroup]:
     """The dedicated tenants' clients on the dedicated cores, the rest on the shared ones."""
     own = tuple(t for t in scenario.tenants if t in dedicated)
     rest = tuple(t for t in scenario.tenants if t not in dedicated)
@@ -72,9 +80,11 @@ def client_groups(scenario: Scenario, dedicated: list[str], cpus: tuple[list[int
 
 
 @contextmanager
-def two_node_cluster(num_cpus: int, door_port: int, console: Console):  # type: ignore[no-untyped-def]
+def two_node_cluster(
+    num_cpus: int, door_port: int, console: Console
+) -> Iterator[tuple[Cluster, tuple[list[int], list[int]]]]:
     """The two pinned nodes; yields (cluster, (dedicated cpus, shared cpus))."""
-    from ray.cluster_utils import Cluster
+    from ray.cluster_utils import Cluster  # at run time, not import time
 
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:

@@ -102,7 +102,8 @@ def test_a_front_door_gets_a_service_on_its_tenants_worker_group() -> None:
     ]
     unplaced = json.loads(json.dumps(DOOR_VALUES))
     del unplaced["tiered"]["tenants"][0]["dedicated"]["replica"]["node_type_resource"]
-    with pytest.raises(helm.HelmRenderError, match="front_door: needs dedicated.replica.node_type_resource"):
+    needs = re.escape("front_door: needs dedicated.replica.node_type_resource")
+    with pytest.raises(helm.HelmRenderError, match=needs):
         render(unplaced)
 
 

@@ -12,9 +12,8 @@ the request ends. A `model` naming a LoRA adapter resolves through the registry
 # elsewhere, where FastAPI could not resolve string annotations such as `Request`.
 import time
 import uuid
-from collections.abc import Coroutine
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -31,7 +30,6 @@ from deployments.api.errors import (
     OpenAIError,
     install_error_handlers,
     set_body_limit,
-    state_unavailable,
 )
 from deployments.api.files import FilesApi
 from deployments.api.finetune_routes import FineTuningRoutes
@@ -48,6 +46,8 @@ from deployments.api.prompts import Prompt, ServedModel
 from deployments.api.protocol import OpenAIRequest, parse_request
 from deployments.api.responses import ResponseBuilder
 from deployments.api.responses_protocol import parse_responses_request
+from deployments.api.stateful_routes import StatefulRoutes
+from deployments.api.stateful_routes import router as stateful_router
 from deployments.api.tokenizers import load_served_models
 from deployments.api.turns import RESPONSE_ID_PREFIX, Dispatched, TurnService
 from deployments.api.upkeep import Upkeep
@@ -58,7 +58,6 @@ from deployments.observability.requests import RequestMetricsMiddleware, Request
 from deployments.replicas.requests import GenerateRequest
 from deployments.state.config import resolve_state_spec
 from deployments.state.conversations import ConversationStore
-from deployments.state.errors import StateError
 from deployments.state.jobs import JobStore
 from deployments.state.ledger import Ledger
 from deployments.state.responses import ResponseStore
@@ -71,13 +70,13 @@ from deployments.tenancy.shards import ShardedAdmission
 from deployments.tenancy.types import Admission, AdmissionRequest, UsageRecord
 
 INGRESS_HEADER = "x-tiered-ingress"
-T = TypeVar("T")
 DRAIN_TIMEOUT_S = 10.0  # a stopping replica waits this long for its usage to be committed
 
 app = FastAPI(title="Tiered", version="0.1.0", description="OpenAI-compatible multi-tenant API")
 install_error_handlers(app)
 app.add_middleware(RequestMetricsMiddleware)
 app.include_router(fine_tuning_router)  # the Files API (FineTuningRoutes, below)
+app.include_router(stateful_router)  # stored responses and conversations (StatefulRoutes)
 
 
 # Helpers sit above the class: serve.ingress captures what the class refers to when it
@@ -87,7 +86,7 @@ def _include_usage(req: OpenAIRequest) -> bool:
 
 
 @serve.ingress(app)
-class Ingress(FineTuningRoutes):
+class Ingress(FineTuningRoutes, StatefulRoutes):
     async def __init__(  # type: ignore[misc]  # Serve awaits an async __init__
         self,
         config: dict,
@@ -212,76 +211,6 @@ class Ingress(FineTuningRoutes):
     async def create_response(self, request: Request) -> Response:
         return await self._complete(request, "response")
 
-    @app.get("/v1/responses/{response_id}")
-    async def get_response(self, request: Request, response_id: str) -> dict[str, Any]:
-        return await self._stored(self.reads.get_response(self._authenticate(request), response_id))
-
-    @app.delete("/v1/responses/{response_id}")
-    async def delete_response(self, request: Request, response_id: str) -> dict[str, Any]:
-        tenant = self._authenticate(request)
-        return await self._stored(self.reads.delete_response(tenant, response_id))
-
-    @app.get("/v1/responses/{response_id}/input_items")
-    async def response_input_items(self, request: Request, response_id: str) -> dict[str, Any]:
-        tenant = self._authenticate(request)
-        query = dict(request.query_params)
-        return await self._stored(self.reads.input_items(tenant, response_id, query))
-
-    @app.post("/v1/responses/{response_id}/cancel")
-    async def cancel_response(self, request: Request, response_id: str) -> dict[str, Any]:
-        tenant = self._authenticate(request)
-        body = await self._stored(self.reads.cancel_response(tenant, response_id))
-        self.upkeep.cancel_here(response_id)
-        return body
-
-    @app.post("/v1/conversations")
-    async def create_conversation(self, request: Request) -> dict[str, Any]:
-        tenant = self._authenticate(request)
-        body = await json_body(request)
-        return await self._stored(self.reads.create_conversation(tenant, body))
-
-    @app.get("/v1/conversations/{conv_id}")
-    async def get_conversation(self, request: Request, conv_id: str) -> dict[str, Any]:
-        tenant = self._authenticate(request)
-        return await self._stored(self.reads.get_conversation(tenant, conv_id))
-
-    @app.post("/v1/conversations/{conv_id}")
-    async def update_conversation(self, request: Request, conv_id: str) -> dict[str, Any]:
-        tenant = self._authenticate(request)
-        body = await json_body(request)
-        return await self._stored(self.reads.update_conversation(tenant, conv_id, body))
-
-    @app.delete("/v1/conversations/{conv_id}")
-    async def delete_conversation(self, request: Request, conv_id: str) -> dict[str, Any]:
-        tenant = self._authenticate(request)
-        return await self._stored(self.reads.delete_conversation(tenant, conv_id))
-
-    @app.post("/v1/conversations/{conv_id}/items")
-    async def add_conversation_items(self, request: Request, conv_id: str) -> dict[str, Any]:
-        tenant = self._authenticate(request)
-        body = await json_body(request)
-        return await self._stored(self.reads.add_items(tenant, conv_id, body))
-
-    @app.get("/v1/conversations/{conv_id}/items")
-    async def list_conversation_items(self, request: Request, conv_id: str) -> dict[str, Any]:
-        tenant = self._authenticate(request)
-        query = dict(request.query_params)
-        return await self._stored(self.reads.list_items(tenant, conv_id, query))
-
-    @app.get("/v1/conversations/{conv_id}/items/{item_id}")
-    async def get_conversation_item(
-        self, request: Request, conv_id: str, item_id: str
-    ) -> dict[str, Any]:
-        tenant = self._authenticate(request)
-        return await self._stored(self.reads.get_item(tenant, conv_id, item_id))
-
-    @app.delete("/v1/conversations/{conv_id}/items/{item_id}")
-    async def delete_conversation_item(
-        self, request: Request, conv_id: str, item_id: str
-    ) -> dict[str, Any]:
-        tenant = self._authenticate(request)
-        return await self._stored(self.reads.delete_item(tenant, conv_id, item_id))
-
     # ---- the request path -----------------------------------------------------------
     def _authenticate(self, request: Request) -> TenantSpec:
         return authenticate(self.keys, self.config, request)
@@ -328,16 +257,6 @@ class Ingress(FineTuningRoutes):
         except OpenAIError as exc:
             exc.headers = {**headers, **exc.headers}
             raise
-
-    async def _stored(self, work: Coroutine[Any, Any, T]) -> T:
-        """Await a state-store call: an outage is a 503, never a 500."""
-        try:
-            await self.catalog.prepare()
-            return await work
-        except StateError:
-            raise state_unavailable() from None
-        finally:
-            work.close()  # a no-op once awaited; else the call never started
 
     async def _model(
         self, request: Request, tenant: TenantSpec, name: str, timer: RequestTimer
