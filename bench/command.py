@@ -100,17 +100,24 @@ def run_scenario(
     from bench.cpu import CpuSampler
     from bench.report import render_text, write_json
     from bench.runner import Runner
+    from bench.split_clients import run_split
 
-    runner = Runner(
-        scenario, target.endpoints, tokenizer=tokenizer or target.tokenizer,
-        progress=progress, console=console,
-    )
+    tokenizer = tokenizer or target.tokenizer
     cpu = CpuSampler()
     cpu.start()
     if target.watcher:
         target.watcher.start()
     try:
-        result = asyncio.run(runner.run())
+        if target.client_groups:  # each node's clients on its own cores
+            result = run_split(
+                scenario, target.endpoints, target.client_groups, tokenizer, progress
+            )
+        else:
+            runner = Runner(
+                scenario, target.endpoints, tokenizer=tokenizer, progress=progress,
+                console=console,
+            )
+            result = asyncio.run(runner.run())
     finally:
         samples = target.watcher.stop() if target.watcher else []
         cpu.stop()
@@ -215,8 +222,8 @@ def register(groups: argparse._SubParsersAction) -> None:
                      "(default bench/results/SCENARIO)")
     run.add_argument("--goodput", nargs="+", metavar="METRIC:MS",
                      help="SLOs for goodput, e.g. ttft:500 tpot:50 (also e2el)")
-    run.add_argument("--pinned", action="store_true", help="local cluster: dedicated and "
-                     "shared replicas on disjoint cores")
+    run.add_argument("--pinned", action="store_true", help="local cluster: two Ray nodes on "
+                     "disjoint cores (dedicated tenants, shared pool), clients pinned beside")
     run.add_argument("--tokenizer", help="tokenizer.json dir to size prompts exactly")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -225,12 +226,16 @@ class Runner:
                     self.console.print(f"[yellow]warm-up of {tenant.name} failed: {r.error}")
 
     # ---- the run ---------------------------------------------------------------------
-    async def run(self) -> RunResult:
+    async def run(self, start_gate: Callable[[], object] | None = None) -> RunResult:
+        """`start_gate`: a blocking call made after the warm-up, before the first phase
+        (runners in several processes start their phases together: bench.split_clients)."""
         scenario = self.scenario
         timeout = httpx.Timeout(scenario.request_timeout_s, connect=10.0)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
         async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
             await asyncio.wait_for(self._warmup(client), scenario.request_timeout_s * 2 + 30)
+            if start_gate is not None:
+                await asyncio.to_thread(start_gate)
             t0 = time.perf_counter() + LEAD_S
             result = RunResult(
                 scenario, self.endpoints, t0, datetime.now(UTC).isoformat(timespec="seconds")

@@ -2,27 +2,30 @@
 (and, for P3, the plain Serve echo app beside it) that lives for one run.
 
 The local cluster follows the scenario's `target:` section: the Tiered YAML, optionally
-without tenant limits (so the load reaches the pools rather than RPM/TPM), and with
-`--pinned` the dedicated replicas on the first half of the cores and the shared pool on
-the other half, which emulates separate nodes on a small box (the Serve proxy, ingress
-and admission actor stay unpinned: they are the shared front door).
+without tenant limits (so the load reaches the pools rather than RPM/TPM). With `--pinned`
+it is the two-node emulation of bench.two_node: each node, and each client, on its own
+cores.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from rich.console import Console
 
 from bench.scenario import Scenario, ScenarioError
+from bench.split_clients import ClientGroup
+
+if TYPE_CHECKING:
+    from deployments.config.tiered import TieredConfig
 
 APP, ECHO_APP = "tiered", "echo"
 DEPLOY_DEADLINE_S = 300.0
@@ -36,6 +39,7 @@ class Target:
     tokenizer: str | None = None
     watcher: ReplicaWatcher | None = None
     settings: dict = field(default_factory=dict)
+    client_groups: list[ClientGroup] = field(default_factory=list)  # [] : one process
 
 
 def url_target(url: str, extra: dict[str, str]) -> Target:
@@ -43,7 +47,7 @@ def url_target(url: str, extra: dict[str, str]) -> Target:
     return Target({"main": url.rstrip("/"), **extra}, f"given URL {url}")
 
 
-def tiered_config(scenario: Scenario, pinned: bool):  # type: ignore[no-untyped-def]
+def tiered_config(scenario: Scenario) -> tuple[TieredConfig, Path]:
     """The Tiered config the local cluster runs for this scenario."""
     from deployments.config.tiered import DEFAULT_CONFIG, load_config
 
@@ -61,23 +65,7 @@ def tiered_config(scenario: Scenario, pinned: bool):  # type: ignore[no-untyped-
     if spec.unlimited_tenants:
         for tenant in config.tenants:
             tenant.rpm = tenant.tpm = tenant.max_concurrency = None
-    if pinned:
-        pin(config, sorted(os.sched_getaffinity(0)))
-    return type(config).model_validate(config.model_dump()), path
-
-
-def pin(config, cpus: list[int]) -> None:  # type: ignore[no-untyped-def]
-    """Dedicated replicas on the first half of `cpus`, shared pools on the second half."""
-    if len(cpus) < 2:
-        raise ScenarioError("--pinned needs at least 2 CPUs")
-    half = len(cpus) // 2
-    dedicated, shared = cpus[:half], cpus[half:]
-    for model in config.models:
-        model.shared_pool.cpu_affinity = [shared] * model.shared_pool.tp_size
-    for tenant in config.tenants:
-        if tenant.dedicated is not None:
-            replica = tenant.dedicated.replica
-            replica.cpu_affinity = [dedicated] * replica.tp_size
+    return config, path
 
 
 def _free_port() -> int:
@@ -86,7 +74,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _deploy(app, name: str, route_prefix: str, deadline_s: float) -> None:  # type: ignore[no-untyped-def]
+def _deploy(app: Any, name: str, route_prefix: str, deadline_s: float) -> None:
     """serve.run (which waits for the app to be ready) under a deadline, in a thread;
     then the app's status must be RUNNING."""
     from ray import serve
@@ -140,48 +128,78 @@ def _wait_healthy(url: str, deadline_s: float) -> None:
 
 @contextmanager
 def local_target(scenario: Scenario, pinned: bool, console: Console) -> Iterator[Target]:
-    """Start Ray and Serve on loopback, deploy, yield the endpoints, tear everything down."""
+    """Start Ray and Serve on loopback, deploy, yield the endpoints, tear everything down.
+
+    One Ray node, or with `pinned` the two-node emulation (bench.two_node). A dedicated
+    tenant's endpoint (named after it) is its own front door when it has one, else the
+    main one."""
     import ray
     from ray import serve
 
-    from deployments.app import build_from_config
+    from bench.two_node import client_groups, place_on_two_nodes, two_node_cluster
+    from deployments.app import serve_apps
     from models.default_model import resolve_model_path
 
-    config, path = tiered_config(scenario, pinned)
-    model_dir = str(resolve_model_path(config.model(scenario.model).path))
-    port = _free_port()
-    with console.status(f"starting a local Ray cluster with {path.name}"):
-        ray.init(
-            address="local",  # a fresh instance, never a cluster that happens to run here
-            num_cpus=scenario.target.num_cpus,
-            include_dashboard=False,
-            log_to_driver=False,
-        )
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config, path = tiered_config(scenario)
+    dedicated = place_on_two_nodes(config) if pinned else []
+    config = type(config).model_validate(config.model_dump())
+    model = config.model(scenario.model)
+    assert model is not None  # tiered_config checked it
+    model_dir = str(resolve_model_path(model.path))
+    port, door_port = _free_port(), _free_port()
+    with ExitStack() as stack:
+        groups = []
+        if pinned:
+            cluster, cpus = stack.enter_context(
+                two_node_cluster(scenario.target.num_cpus, door_port, console)
+            )
+            ray.init(address=cluster.address, log_to_driver=False)
+            groups = client_groups(scenario, dedicated, cpus)
+        else:
+            with console.status(f"starting a local Ray cluster with {path.name}"):
+                ray.init(
+                    address="local",  # a fresh instance, never a cluster running here
+                    num_cpus=scenario.target.num_cpus,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                )
+        stack.callback(ray.shutdown)
+        serve.start(proxy_location="EveryNode", http_options={"host": "127.0.0.1", "port": port})
+        stack.callback(serve.shutdown)
+        root = f"http://127.0.0.1:{port}"
+        endpoints = {"main": f"{root}/v1"}
+        endpoints |= {t.name: endpoints["main"] for t in config.tenants if t.dedicated}
         with console.status("deploying Tiered (every replica loads the model)"):
-            _deploy(build_from_config(config), APP, "/", DEPLOY_DEADLINE_S)
-            _wait_healthy(f"http://127.0.0.1:{port}/health", HEALTH_DEADLINE_S)
-        endpoints = {"main": f"http://127.0.0.1:{port}/v1"}
+            for app in serve_apps(config, APP):
+                _deploy(app.app, app.name, app.route_prefix, DEPLOY_DEADLINE_S)
+                door = f"http://127.0.0.1:{door_port if pinned else port}{app.route_prefix}"
+                if app.tenant is not None:
+                    _wait_healthy(f"{door}/health", HEALTH_DEADLINE_S)
+                    endpoints[app.tenant] = f"{door}/v1"
+            _wait_healthy(f"{root}/health", HEALTH_DEADLINE_S)
         if scenario.target.echo:
             from bench.echo_app import echo_app
 
             with console.status("deploying the echo app"):
-                app = echo_app(config.ingress.num_replicas)
-                _deploy(app, ECHO_APP, "/echo", DEPLOY_DEADLINE_S)
-            endpoints["echo"] = f"http://127.0.0.1:{port}/echo/v1"
+                echo = echo_app(config.ingress.num_replicas)
+                _deploy(echo, ECHO_APP, "/echo", DEPLOY_DEADLINE_S)
+            endpoints["echo"] = f"{root}/echo/v1"
         watcher = ReplicaWatcher(APP, scenario.target.watch) if scenario.target.watch else None
         settings = {
             "tiered_config": str(path),
             "pinned": pinned,
             "unlimited_tenants": scenario.target.unlimited_tenants,
             "ray_num_cpus": scenario.target.num_cpus,
+            "client_groups": [{"tenants": g.tenants, "cpus": g.cpus} for g in groups],
         }
-        label = f"local Ray, {path.name}, {'pinned' if pinned else 'unpinned'}"
-        yield Target(endpoints, label, tokenizer=model_dir, watcher=watcher, settings=settings)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        label = (
+            f"two pinned Ray nodes (dedicated on cores {list(groups[0].cpus)}), {path.name}"
+            if pinned else f"local Ray, one node, {path.name}"
+        )
+        yield Target(
+            endpoints, label, tokenizer=model_dir, watcher=watcher, settings=settings,
+            client_groups=groups,
+        )
 
 
 class ReplicaWatcher:

@@ -75,7 +75,7 @@ def serve_forever(config_path: Path, host: str, port: int, num_cpus: int) -> int
     import ray
     from ray import serve
 
-    from deployments.app import build_from_config
+    from deployments.app import serve_apps
     from models.default_model import resolve_model_path
 
     console = Console()
@@ -86,7 +86,9 @@ def serve_forever(config_path: Path, host: str, port: int, num_cpus: int) -> int
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
     serve.start(http_options={"host": host, "port": port})
     with console.status("deploying replicas (first start loads the model on every rank)"):
-        serve.run(build_from_config(config), name="tiered", route_prefix="/")
+        apps = serve_apps(config)
+        for app in apps:  # the main application first: a front door calls its replicas
+            serve.run(app.app, name=app.name, route_prefix=app.route_prefix)
     url = f"http://{host}:{port}/v1"
     table = Table(title=f"Tiered is serving at {url}")
     table.add_column("tenant")
@@ -95,6 +97,8 @@ def serve_forever(config_path: Path, host: str, port: int, num_cpus: int) -> int
         for tenant, key in DEMO_KEYS.items():
             table.add_row(tenant, key)
     console.print(table)
+    for app in apps[1:]:
+        console.print(f"{app.tenant}'s own front door: http://{host}:{port}{app.route_prefix}/v1")
     console.print(
         f"Usage ledger: {redact(state.url)}  (tiered usage, GET /admin/usage)", soft_wrap=True
     )
@@ -112,7 +116,8 @@ def serve_forever(config_path: Path, host: str, port: int, num_cpus: int) -> int
     console.print("shutting down…")
     # The app first, while the proxies still answer: in-flight responses reach their
     # clients and each ingress commits its usage records before it stops.
-    serve.delete("tiered")
+    for app in reversed(apps):
+        serve.delete(app.name)
     serve.shutdown()
     ray.shutdown()
     return 0

@@ -4,7 +4,8 @@ One application, `deployments.app:build`, receives the whole Tiered config inlin
 args (so nothing but the image and the weights must be on the nodes). Its deployments
 section repeats the replica counts and autoscaling the builder will set, so operators
 see them in the Serve config; both come from the same functions. `tiered config render`
-and the Helm chart's test use this renderer.
+and the Helm chart's test use this renderer. A dedicated tenant with a front door adds an
+application of its own (`deployments.app:build_front_door`) under its route prefix.
 """
 
 from __future__ import annotations
@@ -12,11 +13,17 @@ from __future__ import annotations
 from typing import Any
 
 from deployments.config.models import ReplicaSpec
-from deployments.config.plan import FINE_TUNING_DEPLOYMENT, INGRESS_DEPLOYMENT, deployment_plan
+from deployments.config.plan import (
+    FINE_TUNING_DEPLOYMENT,
+    INGRESS_DEPLOYMENT,
+    MAIN_APP,
+    deployment_plan,
+    front_door_plan,
+)
 from deployments.config.tiered import TieredConfig
 
-APP_NAME = "tiered"
 IMPORT_PATH = "deployments.app:build"
+FRONT_DOOR_IMPORT_PATH = "deployments.app:build_front_door"
 
 
 def _deployment(name: str, replica: ReplicaSpec, pool: str) -> dict[str, Any]:
@@ -53,17 +60,29 @@ def render_serve_config(
     if "root" not in config.files.model_fields_set:  # likewise the files' directory
         del tiered["files"]["root"]
     app: dict[str, Any] = {
-        "name": APP_NAME,
+        "name": MAIN_APP,
         "route_prefix": "/",
         "import_path": IMPORT_PATH,
         "args": {"tiered": tiered},
     }
     if with_deployment_options:
         app["deployments"] = deployment_options(config)
-    if runtime_env:
-        app["runtime_env"] = runtime_env
+    apps = [app]
+    for door in front_door_plan(config):  # a tenant's own entry (deployments.api.front_door)
+        entry: dict[str, Any] = {
+            "name": door.app_name(MAIN_APP),
+            "route_prefix": door.route_prefix,
+            "import_path": FRONT_DOOR_IMPORT_PATH,
+            "args": {"tiered": tiered, "tenant": door.tenant, "main_app": MAIN_APP},
+        }
+        if with_deployment_options:
+            entry["deployments"] = [{"name": INGRESS_DEPLOYMENT, "num_replicas": door.num_replicas}]
+        apps.append(entry)
+    for entry in apps:
+        if runtime_env:
+            entry["runtime_env"] = runtime_env
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": host, "port": port},
-        "applications": [app],
+        "applications": apps,
     }

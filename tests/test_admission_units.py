@@ -296,3 +296,42 @@ def test_the_actor_admits_with_the_config_it_was_made_with(local_ray) -> None:  
         assert admission.admitted, admission.refusal
     finally:
         local_ray.kill(actor)
+
+
+def test_a_tenant_shard_reserves_limits_and_leaves_the_spill_seat_to_the_shared_shard() -> None:
+    """deployments.tenancy.shards: acme's own shard decides its limits and private seats;
+    its spill is seated by the shared shard, which counts no limit twice and records no
+    usage twice."""
+
+    async def main() -> None:
+        acme = replace(ACME, rpm=2)
+        own_pool = {"dedicated:acme": PoolSeats("dedicated:acme", "dedicated", 1)}
+        own = AdmissionState(AdmissionConfig({"acme": acme}, own_pool, shard="acme"))
+        shared = AdmissionState(
+            AdmissionConfig({"acme": acme, "globex": GLOBEX}, {"m": PoolSeats("m", "shared", 4)})
+        )
+        first = await own.admit(_ask("a1", "acme"))
+        assert (first.tier, first.seat_elsewhere) == ("dedicated", False)
+        second = await own.admit(_ask("a2", "acme"))
+        assert (second.tier, second.spill, second.band) == ("shared", True, 0)
+        assert second.seat_elsewhere and "a2" in own.claims  # its limits stay reserved here
+        third = await own.admit(_ask("a3", "acme"))
+        assert third.refusal is not None and third.refusal.reason == "rpm"
+
+        # The shared shard seats spills without the limits (3 > rpm 2: all seated).
+        for claim in ("a2", "b1", "b2"):
+            seated = await shared.admit(_ask(claim, "acme", limits_reserved=True))
+            assert (seated.tier, seated.spill, seated.band) == ("shared", True, 0)
+            assert not seated.seat_elsewhere
+        assert shared.pools["m"].in_use == 3
+
+        recorded: list[UsageRecord] = []
+        shared.record = recorded.append  # type: ignore[method-assign]  # observe, not replace
+        own.record = recorded.append  # type: ignore[method-assign]
+        usage = _usage("a2", "acme", "shared", 5, 7, spill=True)
+        assert shared.finish("a2", usage, record=False)
+        assert own.finish("a2", usage)
+        assert recorded == [usage]  # once, by acme's own shard
+        assert shared.pools["m"].in_use == 2 and "a2" not in own.claims
+
+    _run(main())

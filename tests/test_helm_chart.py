@@ -45,11 +45,25 @@ def test_lint_reports_no_errors(values: dict | None) -> None:
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
-@pytest.mark.parametrize("values", [None, GPU_VALUES], ids=["default", "gpu"])
+def _with_front_door(values: dict) -> dict:
+    values = json.loads(json.dumps(values))
+    values["tiered"]["tenants"][0]["dedicated"]["front_door"] = {"num_replicas": 2}
+    return values
+
+
+DOOR_VALUES = _with_front_door(helm.Chart.load(CHART).values)
+
+
+@pytest.mark.parametrize(
+    "values", [None, GPU_VALUES, DOOR_VALUES], ids=["default", "gpu", "front-door"]
+)
 def test_manifests_parse_and_serve_config_validates(values: dict | None) -> None:
     docs = render(values)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds.count("ConfigMap") == 3 and "PodMonitor" in kinds and "Service" not in kinds
+    assert kinds.count("ConfigMap") == 3 and "PodMonitor" in kinds
+    chart_tenants = (values or helm.Chart.load(CHART).values)["tiered"]["tenants"]
+    doors = [t for t in chart_tenants if (t.get("dedicated") or {}).get("front_door")]
+    assert kinds.count("Service") == len(doors)  # one per front door
     service = one(docs, "RayService")
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
     ServeDeploySchema(**serve_config)
@@ -63,10 +77,36 @@ def test_manifests_parse_and_serve_config_validates(values: dict | None) -> None
     )
     # The same renderer's output; the chart passes the values as written, the renderer
     # with defaults filled in, so the Tiered configs are compared once parsed.
-    got_args = serve_config["applications"][0].pop("args")["tiered"]
-    want_args = expected["applications"][0].pop("args")["tiered"]
-    assert TieredConfig.model_validate(got_args) == TieredConfig.model_validate(want_args)
+    assert len(serve_config["applications"]) == len(expected["applications"])
+    for got, want in zip(serve_config["applications"], expected["applications"], strict=True):
+        got_args, want_args = got["args"].pop("tiered"), want["args"].pop("tiered")
+        assert TieredConfig.model_validate(got_args) == TieredConfig.model_validate(want_args)
     assert serve_config == expected
+
+
+def test_a_front_door_gets_a_service_on_its_tenants_worker_group() -> None:
+    """acme's Service selects the pods of the group advertising acme's node type, where
+    its door (the tiered--acme application) runs; a door without a node type is refused."""
+    docs = render(DOOR_VALUES)
+    door = one(docs, "Service")
+    assert door["metadata"]["name"] == "demo-tiered-acme"
+    assert door["spec"]["selector"]["tiered.io/node-type"] == "acme-cpu"
+    assert door["spec"]["selector"]["ray.io/serve"] == "true"
+    groups = one(docs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    acme = next(g for g in groups if g["groupName"] == "acme-cpu")
+    pod_labels = acme["template"]["metadata"]["labels"]
+    assert {k: v for k, v in door["spec"]["selector"].items() if k != "ray.io/serve"} == {
+        k: pod_labels[k] for k in door["spec"]["selector"] if k != "ray.io/serve"
+    }
+    apps = yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])["applications"]
+    assert [(a["name"], a["route_prefix"]) for a in apps] == [
+        ("tiered", "/"), ("tiered--acme", "/tenants/acme")
+    ]
+    unplaced = json.loads(json.dumps(DOOR_VALUES))
+    del unplaced["tiered"]["tenants"][0]["dedicated"]["replica"]["node_type_resource"]
+    needs = re.escape("front_door: needs dedicated.replica.node_type_resource")
+    with pytest.raises(helm.HelmRenderError, match=needs):
+        render(unplaced)
 
 
 def node_types_of(values: dict) -> dict[str, dict]:

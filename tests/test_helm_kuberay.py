@@ -46,10 +46,12 @@ def test_ray_is_told_the_whole_node_and_the_pod_asks_for_less() -> None:
 
 def test_traffic_goes_through_kuberays_serve_service() -> None:
     """KubeRay points <name>-serve-svc at the serving cluster only, so an upgrade never
-    sends traffic to both clusters; the chart makes no Service of its own."""
+    sends traffic to both clusters; the chart's only Services are the front doors' (a
+    dedicated tenant's own entry, on its worker group's pods)."""
     values = {**GPU_VALUES, "service": {"type": "LoadBalancer", "port": 80}}
     docs = render(values, name="prod")
-    assert [d for d in docs if d["kind"] == "Service"] == []
+    services = [d for d in docs if d["kind"] == "Service"]
+    assert [s["metadata"]["labels"]["tiered.io/tenant"] for s in services] == ["acme"]
     spec = rayservice(docs)["spec"]
     assert spec["upgradeStrategy"] == {"type": "NewCluster"}
     assert spec["serveService"]["metadata"]["name"] == "prod-tiered-serve-svc"

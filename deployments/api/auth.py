@@ -38,6 +38,12 @@ def authenticate(keys: KeyRings, config: TieredConfig, request: Request) -> Tena
     if tenant is None:
         message = "Incorrect API key provided." if token else "You didn't provide an API key."
         raise OpenAIError(401, message, code="invalid_api_key")
+    if keys.door is not None and tenant.name != keys.door:
+        raise OpenAIError(
+            403,
+            f"This endpoint is tenant {keys.door!r}'s own entry; use the shared endpoint.",
+            code="wrong_endpoint",
+        )
     return tenant
 
 

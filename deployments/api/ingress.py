@@ -12,9 +12,8 @@ the request ends. A `model` naming a LoRA adapter resolves through the registry
 # elsewhere, where FastAPI could not resolve string annotations such as `Request`.
 import time
 import uuid
-from collections.abc import Coroutine
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -31,11 +30,11 @@ from deployments.api.errors import (
     OpenAIError,
     install_error_handlers,
     set_body_limit,
-    state_unavailable,
 )
 from deployments.api.files import FilesApi
 from deployments.api.finetune_routes import FineTuningRoutes
 from deployments.api.finetune_routes import router as fine_tuning_router
+from deployments.api.front_door import main_app_handles
 from deployments.api.jobs import JobsApi
 from deployments.api.limits import (
     admission_unavailable,
@@ -47,6 +46,8 @@ from deployments.api.prompts import Prompt, ServedModel
 from deployments.api.protocol import OpenAIRequest, parse_request
 from deployments.api.responses import ResponseBuilder
 from deployments.api.responses_protocol import parse_responses_request
+from deployments.api.stateful_routes import StatefulRoutes
+from deployments.api.stateful_routes import router as stateful_router
 from deployments.api.tokenizers import load_served_models
 from deployments.api.turns import RESPONSE_ID_PREFIX, Dispatched, TurnService
 from deployments.api.upkeep import Upkeep
@@ -57,25 +58,25 @@ from deployments.observability.requests import RequestMetricsMiddleware, Request
 from deployments.replicas.requests import GenerateRequest
 from deployments.state.config import resolve_state_spec
 from deployments.state.conversations import ConversationStore
-from deployments.state.errors import StateError
 from deployments.state.jobs import JobStore
 from deployments.state.ledger import Ledger
 from deployments.state.responses import ResponseStore
 from deployments.state.store import StateStore
-from deployments.tenancy.client import AdmissionClient, AdmissionUnavailable
+from deployments.tenancy.client import AdmissionUnavailable
 from deployments.tenancy.key_source import KeySource
 from deployments.tenancy.keys import KeyRings
-from deployments.tenancy.policy import admission_config
+from deployments.tenancy.policy import admission_config, admission_shards
+from deployments.tenancy.shards import ShardedAdmission
 from deployments.tenancy.types import Admission, AdmissionRequest, UsageRecord
 
 INGRESS_HEADER = "x-tiered-ingress"
-T = TypeVar("T")
 DRAIN_TIMEOUT_S = 10.0  # a stopping replica waits this long for its usage to be committed
 
 app = FastAPI(title="Tiered", version="0.1.0", description="OpenAI-compatible multi-tenant API")
 install_error_handlers(app)
 app.add_middleware(RequestMetricsMiddleware)
 app.include_router(fine_tuning_router)  # the Files API (FineTuningRoutes, below)
+app.include_router(stateful_router)  # stored responses and conversations (StatefulRoutes)
 
 
 # Helpers sit above the class: serve.ingress captures what the class refers to when it
@@ -85,22 +86,35 @@ def _include_usage(req: OpenAIRequest) -> bool:
 
 
 @serve.ingress(app)
-class Ingress(FineTuningRoutes):
+class Ingress(FineTuningRoutes, StatefulRoutes):
     async def __init__(  # type: ignore[misc]  # Serve awaits an async __init__
         self,
         config: dict,
         handles: dict[str, DeploymentHandle],
         fine_tuning: DeploymentHandle | None = None,
+        door: str | None = None,
+        main_app: str | None = None,
     ) -> None:
+        """`door`: this is that tenant's own front door (deployments.api.front_door),
+        beside the main application `main_app`, whose model servers it calls by name."""
         self.config = TieredConfig.model_validate(config)
-        self.key_source = KeySource(self.config)  # warns of tenants without a key
+        # Warns of tenants without a key; a front door takes its own tenant's keys only.
+        self.key_source = KeySource(self.config, door=door)
+        context = serve.get_replica_context()
+        main_app = main_app or context.app_name
+        if door is not None:
+            handles = await main_app_handles(self.config, main_app)
         self.handles = handles  # pool key (deployments.config.plan) -> its deployment
         # Tokenizers from the replicas (or a named artifact): never the checkpoint here.
         self.models = await load_served_models(self.config, handles)
-        context = serve.get_replica_context()
         self.owner = context.replica_id.unique_id
-        self.admission = AdmissionClient(
-            context.app_name, admission_config(self.config, time.time()), self.owner
+        now = time.time()
+        shards = [door] if door is not None else admission_shards(self.config)
+        self.admission = ShardedAdmission(
+            main_app,
+            {None: admission_config(self.config, now)}
+            | {s: admission_config(self.config, now, s) for s in shards},
+            self.owner,
         )
         await self.admission.start()
         # The admission actor migrates and writes the ledger; this replica reads the
@@ -197,76 +211,6 @@ class Ingress(FineTuningRoutes):
     async def create_response(self, request: Request) -> Response:
         return await self._complete(request, "response")
 
-    @app.get("/v1/responses/{response_id}")
-    async def get_response(self, request: Request, response_id: str) -> dict[str, Any]:
-        return await self._stored(self.reads.get_response(self._authenticate(request), response_id))
-
-    @app.delete("/v1/responses/{response_id}")
-    async def delete_response(self, request: Request, response_id: str) -> dict[str, Any]:
-        tenant = self._authenticate(request)
-        return await self._stored(self.reads.delete_response(tenant, response_id))
-
-    @app.get("/v1/responses/{response_id}/input_items")
-    async def response_input_items(self, request: Request, response_id: str) -> dict[str, Any]:
-        tenant = self._authenticate(request)
-        query = dict(request.query_params)
-        return await self._stored(self.reads.input_items(tenant, response_id, query))
-
-    @app.post("/v1/responses/{response_id}/cancel")
-    async def cancel_response(self, request: Request, response_id: str) -> dict[str, Any]:
-        tenant = self._authenticate(request)
-        body = await self._stored(self.reads.cancel_response(tenant, response_id))
-        self.upkeep.cancel_here(response_id)
-        return body
-
-    @app.post("/v1/conversations")
-    async def create_conversation(self, request: Request) -> dict[str, Any]:
-        tenant = self._authenticate(request)
-        body = await json_body(request)
-        return await self._stored(self.reads.create_conversation(tenant, body))
-
-    @app.get("/v1/conversations/{conv_id}")
-    async def get_conversation(self, request: Request, conv_id: str) -> dict[str, Any]:
-        tenant = self._authenticate(request)
-        return await self._stored(self.reads.get_conversation(tenant, conv_id))
-
-    @app.post("/v1/conversations/{conv_id}")
-    async def update_conversation(self, request: Request, conv_id: str) -> dict[str, Any]:
-        tenant = self._authenticate(request)
-        body = await json_body(request)
-        return await self._stored(self.reads.update_conversation(tenant, conv_id, body))
-
-    @app.delete("/v1/conversations/{conv_id}")
-    async def delete_conversation(self, request: Request, conv_id: str) -> dict[str, Any]:
-        tenant = self._authenticate(request)
-        return await self._stored(self.reads.delete_conversation(tenant, conv_id))
-
-    @app.post("/v1/conversations/{conv_id}/items")
-    async def add_conversation_items(self, request: Request, conv_id: str) -> dict[str, Any]:
-        tenant = self._authenticate(request)
-        body = await json_body(request)
-        return await self._stored(self.reads.add_items(tenant, conv_id, body))
-
-    @app.get("/v1/conversations/{conv_id}/items")
-    async def list_conversation_items(self, request: Request, conv_id: str) -> dict[str, Any]:
-        tenant = self._authenticate(request)
-        query = dict(request.query_params)
-        return await self._stored(self.reads.list_items(tenant, conv_id, query))
-
-    @app.get("/v1/conversations/{conv_id}/items/{item_id}")
-    async def get_conversation_item(
-        self, request: Request, conv_id: str, item_id: str
-    ) -> dict[str, Any]:
-        tenant = self._authenticate(request)
-        return await self._stored(self.reads.get_item(tenant, conv_id, item_id))
-
-    @app.delete("/v1/conversations/{conv_id}/items/{item_id}")
-    async def delete_conversation_item(
-        self, request: Request, conv_id: str, item_id: str
-    ) -> dict[str, Any]:
-        tenant = self._authenticate(request)
-        return await self._stored(self.reads.delete_item(tenant, conv_id, item_id))
-
     # ---- the request path -----------------------------------------------------------
     def _authenticate(self, request: Request) -> TenantSpec:
         return authenticate(self.keys, self.config, request)
@@ -314,16 +258,6 @@ class Ingress(FineTuningRoutes):
             exc.headers = {**headers, **exc.headers}
             raise
 
-    async def _stored(self, work: Coroutine[Any, Any, T]) -> T:
-        """Await a state-store call: an outage is a 503, never a 500."""
-        try:
-            await self.catalog.prepare()
-            return await work
-        except StateError:
-            raise state_unavailable() from None
-        finally:
-            work.close()  # a no-op once awaited; else the call never started
-
     async def _model(
         self, request: Request, tenant: TenantSpec, name: str, timer: RequestTimer
     ) -> ServedModel:
@@ -349,7 +283,9 @@ class Ingress(FineTuningRoutes):
         names the replica that served its previous turn and asks that its blocks be kept
         ahead of others in eviction (its next turn will want them)."""
         admission = await self._admit(
-            request, tenant, AdmissionRequest(
+            request,
+            tenant,
+            AdmissionRequest(
                 claim_id=claim_id,
                 tenant=tenant.name,
                 model=model.base,

@@ -20,15 +20,23 @@ if TYPE_CHECKING:
 Tier = Literal["shared", "dedicated"]
 # What a ledger row bills: a tier's serving, or a fine-tuning job's trained tokens.
 BilledTier = Literal["shared", "dedicated", "training"]
+MAIN_APP = "tiered"  # the main Serve application's name, where the caller names none
 INGRESS_DEPLOYMENT = "ingress"
 FINE_TUNING_DEPLOYMENT = "fine-tuning"  # the job runner (deployments.training.runner)
 ADMISSION_NAMESPACE = "tiered"
 
 
-def admission_actor_name(app_name: str) -> str:
+def admission_actor_name(app_name: str, shard: str | None = None) -> str:
     """One admission actor per Serve app, named by the app and never by its config, so a
-    config change keeps its state; the ingress and model servers derive the same name."""
-    return f"tiered-admission-{app_name}"
+    config change keeps its state; the ingress and model servers derive the same name.
+    A dedicated tenant with a front door has a shard of its own (`shard`: its name)."""
+    base = f"tiered-admission-{app_name}"
+    return base if shard is None else f"{base}--{shard}"
+
+
+def front_door_app_name(app_name: str, tenant: str) -> str:
+    """The Serve application of a tenant's front door, beside the main app `app_name`."""
+    return f"{app_name}--{tenant}"
 
 
 def dedicated_pool_key(tenant: str) -> str:
@@ -74,6 +82,33 @@ class PoolPlan:
     def fixed_replicas(self) -> int | None:
         """The replica count when it does not autoscale (None: the policy decides)."""
         return None if self.replica.autoscaling else self.replica.num_replicas
+
+
+@dataclass(frozen=True)
+class FrontDoorPlan:
+    """A dedicated tenant's own entry: a Serve application of its own ingress replicas,
+    placed by the tenant's node-type resource, under its own route prefix."""
+
+    tenant: str
+    route_prefix: str
+    num_replicas: int
+    node_type_resource: str | None
+
+    def app_name(self, main_app: str) -> str:
+        return front_door_app_name(main_app, self.tenant)
+
+
+def front_door_plan(config: TieredConfig) -> Iterator[FrontDoorPlan]:
+    for t in config.tenants:
+        if t.dedicated is None or t.dedicated.front_door is None:
+            continue
+        door = t.dedicated.front_door
+        yield FrontDoorPlan(
+            t.name,
+            door.route_prefix or f"/tenants/{t.name}",
+            door.num_replicas,
+            t.dedicated.replica.node_type_resource,
+        )
 
 
 def deployment_plan(config: TieredConfig) -> Iterator[PoolPlan]:

@@ -18,6 +18,7 @@ from pydantic import (
     StringConstraints,
     TypeAdapter,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -68,6 +69,30 @@ def check_unique_keys(entries: Iterable[tuple[str, str]]) -> None:
         first[digest] = where
 
 
+class FrontDoorSpec(BaseModel):
+    """A dedicated tenant's own entry: ingress replicas of its own, placed on its node type
+    (`replica.node_type_resource`) and reached through the Serve proxy of those nodes, with
+    its own admission shard, so none of its requests queue behind shared traffic."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(1, ge=1)
+    route_prefix: str | None = Field(
+        None, description="URL prefix of this tenant's entry; default /tenants/<name>."
+    )
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _prefix(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value):
+            raise ValueError(
+                f"{value!r}: a path like /tenants/acme (starts with '/', no trailing '/')"
+            )
+        return value
+
+
 class DedicatedSpec(BaseModel):
     """Reserved replicas of one model: a private copy no other tenant's traffic reaches."""
 
@@ -78,6 +103,9 @@ class DedicatedSpec(BaseModel):
     max_replicas: int | None = Field(None, ge=1)
     spill: bool = True
     replica: ReplicaSpec = ReplicaSpec()
+    front_door: FrontDoorSpec | None = Field(
+        None, description="Give this tenant its own ingress, proxy and admission shard."
+    )
     fine_tune_on_reservation: bool = Field(
         False,
         description="Train this tenant's fine-tuning jobs of `model` on its own reserved "
@@ -178,6 +206,11 @@ class IngressSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     num_replicas: int = Field(2, ge=1)
+    node_type_resource: str | None = Field(
+        None,
+        description="Custom resource that pins the shared front door (ingress replicas, "
+        "the shared admission shard, the fine-tuning runner) to one node type.",
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024)
     default_max_tokens: int = Field(256, ge=1)
     request_timeout_s: float = Field(120.0, gt=0)

@@ -74,10 +74,13 @@ class ModelServer:
         pool: str = "shared",
         report: bool = False,
         fields: tuple[str, str] = ("replica", "model"),
+        shard: str | None = None,
     ) -> None:
         started = time.monotonic()
-        # Report seats to the app's admission actor (not when deployed alone in tests).
+        # Report seats to the app's admission actor (not when deployed alone in tests),
+        # or to the shard of the tenant whose private copy this is.
         self.report_to = serve.get_replica_context().app_name if report else None
+        self.shard = shard
         self._admission: ActorHandle | None = None
         self._queue_signals: dict[str, float] = {}
         self._retiring = False
@@ -195,7 +198,7 @@ class ModelServer:
             return
         try:
             if self._admission is None:
-                name = admission_actor_name(self.report_to)
+                name = admission_actor_name(self.report_to, self.shard)
                 self._admission = ray.get_actor(name, namespace=ADMISSION_NAMESPACE)
             self._queue_signals = await asyncio.wait_for(
                 self._admission.replica_heartbeat.remote(
@@ -342,6 +345,7 @@ def model_server_deployment(
     nodes: list[dict[str, float]] | None = None,
     where: str | None = None,
     model_where: str = "model",
+    shard: str | None = None,
 ) -> serve.Application:
     """A bound Serve deployment of TP replicas of `spec`, one placement group each.
 
@@ -380,7 +384,7 @@ def model_server_deployment(
         graceful_shutdown_wait_loop_s=0.5,
     )
     return deployment.bind(
-        spec.model_dump(), replica.model_dump(), pool, report, (where, model_where)
+        spec.model_dump(), replica.model_dump(), pool, report, (where, model_where), shard
     )
 
 

@@ -161,11 +161,14 @@ class AdmissionActor(AdmissionState):
 
 
 def get_admission(app_name: str, config: AdmissionConfig) -> ActorHandle:
-    """The app's admission actor, created by the first caller with `config`. A caller
-    with a newer config then applies it with `configure`."""
+    """The app's admission actor (or `config.shard`'s), created by the first caller with
+    `config`. A caller with a newer config then applies it with `configure`."""
+    # A tenant's shard runs on the tenant's own node type, beside its front door.
+    resources = {config.node_resource: 0.001} if config.node_resource else {}
     return AdmissionActor.options(  # type: ignore[attr-defined]
-        name=admission_actor_name(app_name),
+        name=admission_actor_name(app_name, config.shard),
         namespace=ADMISSION_NAMESPACE,
         get_if_exists=True,
         lifetime="detached",
+        resources=resources,
     ).remote(config)

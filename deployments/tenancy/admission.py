@@ -129,13 +129,16 @@ class AdmissionState:
             return self._refused(req, "unknown_tenant", 1.0)
         if req.claim_id in self._forgotten:  # finished by its caller before it got here
             return self._refused(req, "abandoned", 0.0)
-        decision = self.limits.reserve(req.tenant, req.cost, policy, now)
-        if decision.refusal is not None:
-            return Admission(req.claim_id, decision.status, refusal=decision.refusal)
-        claim = Claim(req, decision.reservation_id)
+        reservation, status = None, RateLimitStatus()
+        if not req.limits_reserved:  # else the tenant's own shard reserved them
+            decision = self.limits.reserve(req.tenant, req.cost, policy, now)
+            if decision.refusal is not None:
+                return Admission(req.claim_id, decision.status, refusal=decision.refusal)
+            reservation, status = decision.reservation_id, decision.status
+        claim = Claim(req, reservation)
         self.claims[req.claim_id] = claim
         try:
-            admission = await self._seat(claim, policy, decision.status)
+            admission = await self._seat(claim, policy, status)
         except asyncio.CancelledError:
             self._settle(req.claim_id, 0)
             raise
@@ -145,10 +148,11 @@ class AdmissionState:
         self._settle(req.claim_id, 0)  # refused, or finished by its caller meanwhile
         return admission if not admission.admitted else self._refused(req, "abandoned", 0.0)
 
-    def finish(self, claim_id: str, usage: UsageRecord | None = None) -> bool:
-        """Settle a claim on the tokens really used and record the usage. Idempotent: a
-        replayed finish records nothing twice. False when the claim was not held here."""
-        if usage is not None:
+    def finish(self, claim_id: str, usage: UsageRecord | None = None, record: bool = True) -> bool:
+        """Settle a claim on the tokens really used and record the usage (unless another
+        shard records it: `record`). Idempotent: a replayed finish records nothing twice.
+        False when the claim was not held here."""
+        if usage is not None and record:
             self.record(usage)
         return self._settle(claim_id, usage.total_tokens if usage else 0)
 
@@ -157,9 +161,7 @@ class AdmissionState:
         if self.ledger is not None:
             self.ledger.add(usage)
 
-    async def _seat(
-        self, claim: Claim, policy: TenantPolicy, limits: RateLimitStatus
-    ) -> Admission:
+    async def _seat(self, claim: Claim, policy: TenantPolicy, limits: RateLimitStatus) -> Admission:
         req = claim.request
         spill = False
         if policy.dedicated_model == req.model and req.prefer_dedicated:
@@ -171,10 +173,13 @@ class AdmissionState:
             if not policy.spill:
                 return self._refused(req, "dedicated_saturated", 1.0, limits)
             spill = True
+        band = 0 if spill else policy.priority  # spilled traffic runs at shared priority
         dispatcher = self.pools.get(req.model)
+        if dispatcher is None and self.config.shard is not None:
+            # A tenant's shard has no shared pool: the shared shard seats it next.
+            return Admission(req.claim_id, limits, "shared", spill, band, seat_elsewhere=True)
         if dispatcher is None:
             return self._refused(req, "no_shared_pool", 1.0, limits)
-        band = 0 if spill else policy.priority  # spilled traffic runs at shared priority
         claim.waiter = asyncio.current_task()
         try:
             ticket = await dispatcher.acquire(
@@ -242,7 +247,10 @@ class AdmissionState:
         if req.claim_id in self.claims or req.claim_id in self._forgotten:
             return False
         at = now - max(0.0, time.time() - held.admitted_at)
-        claim = Claim(req, self.limits.restore(req.tenant, req.cost, at, now), admission)
+        reservation = (
+            None if req.limits_reserved else self.limits.restore(req.tenant, req.cost, at, now)
+        )
+        claim = Claim(req, reservation, admission)
         if admission.tier == "dedicated":
             self.dedicated.setdefault(req.tenant, Seats(0)).in_use += 1
             claim.dedicated = True
@@ -316,7 +324,5 @@ class AdmissionState:
                 )
                 for name, d in self.pools.items()
             },
-            dedicated={
-                name: PoolState(s.capacity, s.in_use) for name, s in self.dedicated.items()
-            },
+            dedicated={name: PoolState(s.capacity, s.in_use) for name, s in self.dedicated.items()},
         )

@@ -70,6 +70,7 @@ class AdmissionClient:
         self.unacknowledged: dict[str, UsageRecord | None] = {}  # claim id -> its finish
         self.uncommitted: dict[str, UsageRecord] = {}  # request id -> a record not yet in the DB
         self._blocked: dict[str, _Block] = {}
+        self._settle_only: set[str] = set()  # claims whose usage another shard records
         self._handle: ActorHandle | None = None
         self._recovering: asyncio.Task | None = None
 
@@ -123,8 +124,11 @@ class AdmissionClient:
             self._remember(req.tenant, admission)
         return admission
 
-    async def finish(self, claim_id: str, usage: UsageRecord | None) -> None:
-        """Settle the claim and record usage; kept for replay until acknowledged."""
+    async def finish(self, claim_id: str, usage: UsageRecord | None, record: bool = True) -> None:
+        """Settle the claim and record usage (unless another shard records it: `record`);
+        kept for replay until acknowledged."""
+        if not record:
+            self._settle_only.add(claim_id)
         claim = self.held.pop(claim_id, None)
         if claim is not None:
             block = self._blocked.get(claim.request.tenant)
@@ -140,13 +144,16 @@ class AdmissionClient:
         asyncio.get_running_loop().create_task(self._send_finish(claim_id, usage))
 
     async def _send_finish(self, claim_id: str, usage: UsageRecord | None) -> None:
+        record = claim_id not in self._settle_only
         try:
-            ref = remote_outside_request(self.actor.finish, claim_id, usage)
+            ref = remote_outside_request(self.actor.finish, claim_id, usage, record)
             await asyncio.wait_for(ref, RPC_TIMEOUT_S)
         except (RayActorError, TimeoutError) as exc:
             self._lost(exc)  # kept in unacknowledged: the probe or a heartbeat replays it
             return
-        if self.unacknowledged.pop(claim_id, None) is not None and usage is not None:
+        self._settle_only.discard(claim_id)
+        acknowledged = self.unacknowledged.pop(claim_id, None) is not None
+        if acknowledged and usage is not None and record:
             self.uncommitted[usage.request_id] = usage
 
     def _remember(self, tenant: str, admission: Admission) -> None:
@@ -210,8 +217,7 @@ class AdmissionClient:
             lost = [
                 self.uncommitted[r]
                 for r in chunk
-                if r not in status.committed and r not in status.pending
-                and r in self.uncommitted
+                if r not in status.committed and r not in status.pending and r in self.uncommitted
             ]
             if lost:
                 log.warning("ledger: sending %d usage records again", len(lost))
@@ -235,8 +241,7 @@ class AdmissionClient:
                 await asyncio.sleep(min(PROBE_INTERVAL_S, max(0.0, deadline - time.monotonic())))
         left_over = len(self.unacknowledged) + len(self.uncommitted)
         if left_over:
-            log.error("drain: %d usage records not committed when this replica stopped",
-                      left_over)
+            log.error("drain: %d usage records not committed when this replica stopped", left_over)
         return left_over
 
     def _lost(self, exc: BaseException) -> None:

@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 from deployments.config.models import ConfigError
 from deployments.config.tiered import TieredConfig
@@ -47,17 +48,22 @@ class KeySource:
         *,
         recheck_s: float = RECHECK_S,
         clock: Callable[[], float] = time.monotonic,
+        door: str | None = None,
     ) -> None:
         self._config = config
+        self._door = door
         self._environ = dict(os.environ if environ is None else environ)
         self._path = self._environ.get(ENV_KEYS_FILE)
         self._recheck_s = recheck_s
         self._clock = clock
         self._stamp = self._file_stamp()
-        self._rings = load_key_rings(config, self._environ)  # a bad file fails the start
+        self._rings = self._load()  # a bad file fails the start
         self._next_check = clock() + recheck_s
         for line in key_warnings(config, self._rings):
             log.warning(line)
+
+    def _load(self) -> KeyRings:
+        return replace(load_key_rings(self._config, self._environ), door=self._door)
 
     def _file_stamp(self) -> tuple[int, int] | None:
         if not self._path:
@@ -81,7 +87,7 @@ class KeySource:
 
     def _reload(self) -> None:
         try:
-            rings = load_key_rings(self._config, self._environ)
+            rings = self._load()
         except ConfigError as exc:
             log.error("keeping the previous API keys: %s", exc)
             return

@@ -116,6 +116,7 @@ class KeyRings:
 
     tenants: KeyRing  # tenant_for(token) -> tenant name | None
     admin: KeyRing  # tenant_for(token) -> ADMIN | None
+    door: str | None = None  # a tenant's own front door admits that tenant's keys only
 
 
 @dataclass(frozen=True)

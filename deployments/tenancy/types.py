@@ -40,6 +40,9 @@ class AdmissionRequest:
     cost: int  # tokens reserved against TPM and charged to fair share: prompt + max_tokens * n
     prefer_dedicated: bool = True  # False for service_tier "default": go to the shared pool
     owner: str = ""  # the ingress replica, whose death frees the claim
+    # Admitted by the tenant's own shard, which reserved its limits: the shared shard
+    # only seats it in the shared pool (deployments.tenancy.shards).
+    limits_reserved: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,9 @@ class Admission:
     band: int = 0  # engine priority: the tenant's band, shared priority when spilled
     waited_s: float = 0.0
     refusal: Refusal | None = None
+    # Admitted by a tenant's shard, which has no shared pool: the spill is seated by the
+    # shared shard next (deployments.tenancy.shards).
+    seat_elsewhere: bool = False
 
     @property
     def admitted(self) -> bool:
@@ -111,9 +117,7 @@ class UsageRecord:
     def __post_init__(self) -> None:
         """A record that cannot be real is refused when made, not billed."""
         if self.tier not in ("shared", "dedicated", "training"):
-            raise ValueError(
-                f"tier must be 'shared', 'dedicated' or 'training', got {self.tier!r}"
-            )
+            raise ValueError(f"tier must be 'shared', 'dedicated' or 'training', got {self.tier!r}")
         if self.spill and self.tier != "shared":
             raise ValueError("spilled requests are served by the shared pool")
         if min(self.prompt_tokens, self.cached_tokens, self.completion_tokens) < 0:
@@ -175,6 +179,8 @@ class AdmissionConfig:
     queue_deadline_s: float = 30.0
     version: float = 0.0
     state: StateSpec | None = None  # the ledger's database; None: usage is not kept
+    shard: str | None = None  # a dedicated tenant's own shard; None: the shared one
+    node_resource: str | None = None  # the shard actor runs where this resource is
 
 
 @dataclass(frozen=True)

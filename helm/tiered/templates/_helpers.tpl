@@ -69,6 +69,21 @@ applications:
     runtime_env:
       env_vars:
         TIERED_API_KEYS_FILE: /etc/tiered/keys/keys.yaml
+{{- range .Values.tiered.tenants }}
+{{- if and .dedicated .dedicated.front_door }}
+  - name: tiered--{{ .name }}
+    route_prefix: {{ .dedicated.front_door.route_prefix | default (printf "/tenants/%s" .name) }}
+    import_path: deployments.app:build_front_door
+    args:
+      tiered:
+{{ toYaml $tiered | indent 8 }}
+      tenant: {{ .name }}
+      main_app: tiered
+    runtime_env:
+      env_vars:
+        TIERED_API_KEYS_FILE: /etc/tiered/keys/keys.yaml
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{/* What Ray is told a worker group's node has (CPU, GPU and custom resources), as
