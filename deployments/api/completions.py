@@ -20,6 +20,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from deployments.api.claims import ClosingStreamingResponse
 from deployments.api.errors import OpenAIError, from_engine_error
 from deployments.api.responses import SSE_DONE, ResponseBuilder, sse
+from deployments.api.seating import Seating
 from deployments.config.plan import Tier
 from deployments.observability.requests import RequestTimer
 from deployments.replicas.requests import GenerateRequest, ServedOutput
@@ -42,13 +43,26 @@ class Served:
     job: GenerateRequest
     tenant: str
     model: str  # the base model (an adapter is job.lora)
-    tier: Tier
-    spill: bool
+    seating: Seating  # the tier admission chose, and where a lost replica's request goes
     timer: RequestTimer
     finish: Finish
-    started_at: float = field(default_factory=time.time)
     usage: Usage = field(default_factory=Usage)
     closed: bool = False
+
+    @property
+    def tier(self) -> Tier:
+        assert self.seating.admitted.tier is not None
+        return self.seating.admitted.tier
+
+    @property
+    def spill(self) -> bool:
+        return self.seating.admitted.spill
+
+    def failed(self, exc: BaseException) -> None:
+        """The stream failed: a replica that died under it loses its seats now, so the
+        next request of a dedicated tenant spills instead of waiting for the replacement."""
+        if replica_lost(exc):
+            self.seating.lost(exc)
 
     async def close(self, status: UsageStatus) -> None:
         """Finish the claim once, with the usage the client received."""
@@ -67,7 +81,7 @@ class Served:
                 prompt_tokens=self.usage.prompt_tokens,
                 cached_tokens=self.usage.cached_tokens,
                 completion_tokens=self.usage.completion_tokens,
-                started_at=self.started_at,
+                started_at=self.seating.started_at,
                 ended_at=time.time(),
                 status=status,
                 adapter=self.job.lora.name if self.job.lora else None,
@@ -115,14 +129,27 @@ async def open_stream(
             if attempt < SEND_ATTEMPTS and replica_lost(exc):
                 log.warning("replica lost before %s's first token (%s); sending it again",
                             served.job.request_id, type(exc).__name__)
+                handle = await _reseat(served, exc)
                 await asyncio.sleep(RESEND_PAUSE_S * attempt)
                 continue
+            served.failed(exc)
             await served.close("error")
             mapped = from_engine_error(exc)
             if mapped is None:
                 raise
             raise mapped from None
     raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+async def _reseat(served: Served, exc: BaseException) -> DeploymentHandle:
+    """Where to send a request again whose replica was lost (a dedicated one may spill)."""
+    try:
+        await served.seating.reseat(exc)
+    except OpenAIError:
+        await served.close("error")
+        raise
+    served.job = served.seating.job(served.job)
+    return served.seating.handle
 
 
 def served_headers(served: Served, first: ServedOutput, headers: dict[str, str]) -> dict[str, str]:
@@ -139,6 +166,7 @@ async def respond(
 ) -> Response:
     """A body, or an SSE stream that closes the claim when it ends."""
     outputs, first = await open_stream(served, handle)
+    builder.service_tier = served.tier  # a lost replica's request may have spilled
     headers = served_headers(served, first, headers)
     if stream:
         body = _sse(served, builder, first, outputs, include_usage)
@@ -157,6 +185,7 @@ async def respond(
         status = "ok"
     except Exception as exc:
         status = "error"
+        served.failed(exc)
         mapped = from_engine_error(exc)
         if mapped is None:
             raise
@@ -202,6 +231,7 @@ async def _sse(
         yield SSE_DONE
     except Exception as exc:  # the replica failed mid-stream: end with an error event
         status = "error"
+        served.failed(exc)
         mapped = from_engine_error(exc)
         if mapped is None:
             log.exception("stream of %s failed", served.job.request_id)

@@ -34,6 +34,7 @@ from deployments.tenancy.types import (
     HeartbeatReply,
     HeldClaim,
     LedgerStatus,
+    ServedUsage,
     UsageRecord,
 )
 
@@ -94,10 +95,16 @@ class AdmissionActor(AdmissionState):
         return super().ingress_heartbeat(owner, held, now)
 
     async def replica_heartbeat(  # type: ignore[override]
-        self, pool_key: str, replica_id: str, seats: int, now: float | None = None
+        self,
+        pool_key: str,
+        replica_id: str,
+        seats: int,
+        now: float | None = None,
+        actor_id: str = "",
+        served: Sequence[ServedUsage] = (),
     ) -> dict[str, float]:
         self._start_background()
-        return super().replica_heartbeat(pool_key, replica_id, seats, now)
+        return super().replica_heartbeat(pool_key, replica_id, seats, now, actor_id, served)
 
     # ---- the ledger: what an ingress asks about the records it holds -----------------
     async def ledger_status(self, request_ids: Sequence[str]) -> LedgerStatus:

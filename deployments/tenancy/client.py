@@ -123,6 +123,31 @@ class AdmissionClient:
             self._remember(req.tenant, admission)
         return admission
 
+    async def reseat(self, claim_id: str, pool_key: str, actor_id: str | None) -> Admission:
+        """The replica of `pool_key` that `claim_id`'s request was sent to was lost before
+        its first output: admission drops it and seats the claim again (a dedicated one
+        spills). A refusal means the claim is settled."""
+        if not self.available:
+            raise AdmissionUnavailable
+        try:
+            admission: Admission = await asyncio.wait_for(
+                self.actor.reseat.remote(claim_id, pool_key, actor_id),
+                self.config.queue_deadline_s + QUEUE_MARGIN_S,
+            )
+        except (RayActorError, TimeoutError) as exc:
+            self._lost(exc)
+            raise AdmissionUnavailable from None
+        held = self.held.pop(claim_id, None)
+        if held is not None and admission.admitted:
+            self.held[claim_id] = replace(held, admission=admission)
+        return admission
+
+    def replica_lost(self, pool_key: str, actor_id: str | None) -> None:
+        """A stream's replica died under it: admission drops its seats now. Not awaited
+        (the stream's error goes out first); a lost report is made good by the TTL."""
+        if self.available:
+            remote_outside_request(self.actor.replica_lost, pool_key, actor_id)
+
     async def finish(self, claim_id: str, usage: UsageRecord | None) -> None:
         """Settle the claim and record usage; kept for replay until acknowledged."""
         claim = self.held.pop(claim_id, None)
