@@ -161,3 +161,25 @@ def test_a_finished_claim_drops_the_model_servers_usage(tmp_path: Path) -> None:
         assert not state.claims and await _billed(state, store) == (2, 10)
 
     _run(main())
+
+
+def test_ingresses_hear_of_a_lost_replica_at_once() -> None:
+    """A request already sent to the dedicated deployment waits in Serve's router for a
+    replica (it never sees the death): its ingress long-polls admission for losses and
+    moves it when its pool loses a replica."""
+
+    async def main() -> None:
+        state = _state(ACME)
+        state.replica_heartbeat(DEDICATED, "d1", 1, actor_id="actor-d1")
+        seq, pools = await state.next_loss(0, 0.05)  # nothing lost yet: the poll times out
+        assert pools == []
+        waiting = asyncio.ensure_future(state.next_loss(seq, 5.0))
+        await asyncio.sleep(0.01)
+        state.replica_lost(DEDICATED, "actor-d1")
+        seq, pools = await waiting
+        assert pools == [DEDICATED]
+        # An ingress that polls with a number newer than this actor's (it restarted)
+        # learns the current one at once.
+        assert (await state.next_loss(seq + 10, 5.0)) == (seq, [])
+
+    _run(main())

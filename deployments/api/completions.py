@@ -14,18 +14,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from fastapi.responses import JSONResponse, Response
-from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.api.claims import ClosingStreamingResponse
 from deployments.api.errors import OpenAIError, from_engine_error
 from deployments.api.responses import SSE_DONE, ResponseBuilder, sse
-from deployments.api.seating import Seating
+from deployments.api.seating import Seating, SeatLost, replica_lost
 from deployments.config.plan import Tier
 from deployments.observability.requests import RequestTimer
 from deployments.replicas.requests import GenerateRequest, ServedOutput
 from deployments.tenancy.types import UsageRecord, UsageStatus
-from models.errors import EngineDeadError
 from models.outputs import Usage
 
 log = logging.getLogger(__name__)
@@ -99,18 +97,6 @@ def _stream_outputs(served: Served, handle: DeploymentHandle) -> DeploymentRespo
     return outputs
 
 
-def replica_lost(exc: BaseException) -> bool:
-    """The replica died, or its engine did: nothing about the request itself."""
-    cause: BaseException | None = exc
-    for _ in range(4):  # Ray wraps user exceptions; walk to the typed one
-        if cause is None:
-            return False
-        if isinstance(cause, RayActorError | EngineDeadError):
-            return True
-        cause = getattr(cause, "cause", None) or cause.__cause__
-    return False
-
-
 async def open_stream(
     served: Served, handle: DeploymentHandle
 ) -> tuple[DeploymentResponseGenerator, ServedOutput]:
@@ -121,12 +107,13 @@ async def open_stream(
     itself), up to SEND_ATTEMPTS times. Any other error before the first output is the
     request's error: closed and mapped to its OpenAI error here."""
     for attempt in range(1, SEND_ATTEMPTS + 1):
+        lost = served.seating.watch()
         outputs = _stream_outputs(served, handle)
         try:
-            return outputs, await outputs.__anext__()
+            return outputs, await _first_output(outputs, lost)
         except BaseException as exc:
             outputs.cancel()
-            if attempt < SEND_ATTEMPTS and replica_lost(exc):
+            if attempt < SEND_ATTEMPTS and (isinstance(exc, SeatLost) or replica_lost(exc)):
                 log.warning("replica lost before %s's first token (%s); sending it again",
                             served.job.request_id, type(exc).__name__)
                 handle = await _reseat(served, exc)
@@ -139,6 +126,25 @@ async def open_stream(
                 raise
             raise mapped from None
     raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+async def _first_output(
+    outputs: DeploymentResponseGenerator, lost: asyncio.Event | None
+) -> ServedOutput:
+    """The first output, or SeatLost when the seat's pool loses a replica first."""
+    if lost is None:
+        return await outputs.__anext__()
+    first = asyncio.ensure_future(outputs.__anext__())
+    waiter = asyncio.ensure_future(lost.wait())
+    try:
+        await asyncio.wait({first, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not first.done():
+            first.cancel()
+    if not first.done() or first.cancelled():
+        raise SeatLost
+    return first.result()
 
 
 async def _reseat(served: Served, exc: BaseException) -> DeploymentHandle:

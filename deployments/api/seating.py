@@ -10,6 +10,7 @@ next request of the tenant does so.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field, replace
 
@@ -26,17 +27,31 @@ from deployments.tenancy.types import Admission, ServedUsage, UsageRecord
 from models.errors import EngineDeadError
 
 
+class SeatLost(Exception):
+    """Admission heard that the request's dedicated pool lost a replica before the
+    request's first output: Serve's router would hold it until a new replica is up."""
+
+
+def _loss(exc: BaseException) -> BaseException | None:
+    """The RayActorError or EngineDeadError behind `exc`, if one is."""
+    cause: BaseException | None = exc
+    for _ in range(4):  # Ray wraps user exceptions; walk to the typed one
+        if cause is None or isinstance(cause, RayActorError | EngineDeadError):
+            return cause
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    return None
+
+
+def replica_lost(exc: BaseException) -> bool:
+    """The replica died, or its engine did: nothing about the request itself."""
+    return _loss(exc) is not None
+
+
 def lost_actor(exc: BaseException) -> str | None:
     """The id of the actor whose death `exc` reports; None for an engine that died in a
     live replica, or when Ray did not say."""
-    cause: BaseException | None = exc
-    for _ in range(4):  # Ray wraps user exceptions; walk to the typed one
-        if cause is None or isinstance(cause, EngineDeadError):
-            return None
-        if isinstance(cause, RayActorError):
-            return cause.actor_id
-        cause = getattr(cause, "cause", None) or cause.__cause__
-    return None
+    cause = _loss(exc)
+    return cause.actor_id if isinstance(cause, RayActorError) else None
 
 
 @dataclass
@@ -84,6 +99,12 @@ class Seating:
         )
         return replace(job, priority=self.admitted.band, billing=ServedUsage(self.claim_id, record))
 
+    def watch(self) -> asyncio.Event | None:
+        """For a dedicated seat, set when its pool loses a replica (None otherwise)."""
+        if self.admitted.tier != "dedicated":
+            return None
+        return self.admission.next_loss(self.pool)
+
     def lost(self, exc: BaseException) -> None:
         """The replica died under a started stream: its seats go now."""
         self.admission.replica_lost(self.pool, lost_actor(exc))
@@ -94,8 +115,9 @@ class Seating:
         if self.admitted.tier != "dedicated":
             self.lost(exc)
             return
+        pool = None if isinstance(exc, SeatLost) else self.pool  # admission knows already
         try:
-            moved = await self.admission.reseat(self.claim_id, self.pool, lost_actor(exc))
+            moved = await self.admission.reseat(self.claim_id, pool, lost_actor(exc))
         except AdmissionUnavailable:
             raise admission_unavailable() from None
         if not moved.admitted:

@@ -84,6 +84,7 @@ class ModelServer:
         self._queue_signals: dict[str, float] = {}
         self.usage_backup = UsageBackup()
         self.actor_id = ray.get_runtime_context().get_actor_id() or ""
+        self.actor = ray.get_runtime_context().current_actor  # admission pings it
         self._retiring = False
         self._exiting: asyncio.Task | None = None
         self.spec = ModelSpec.model_validate(model)
@@ -214,7 +215,7 @@ class ModelServer:
             self._queue_signals = await asyncio.wait_for(
                 self._admission.replica_heartbeat.remote(
                     self.pool, self.replica_id, self.spec.engine.max_num_seqs, None,
-                    self.actor_id, served,
+                    self.actor_id, served, self.actor,
                 ),
                 HEARTBEAT_TIMEOUT_S,
             )

@@ -28,7 +28,7 @@ from deployments.state.writer import LedgerWriter
 from deployments.tenancy.fair_queue import FairDispatcher, QueueFull, QueueTimeout, Ticket
 from deployments.tenancy.metering import ReservationClock
 from deployments.tenancy.rate_limits import RateLimitState
-from deployments.tenancy.replica_seats import HEARTBEAT_TTL_S, ReplicaSeats
+from deployments.tenancy.replica_seats import HEARTBEAT_TTL_S, LossLog, ReplicaSeats
 from deployments.tenancy.types import (
     Admission,
     AdmissionConfig,
@@ -98,6 +98,7 @@ class AdmissionState:
         self._forgotten: dict[str, float] = {}  # claim id -> when it was finished
         self._owner_seen: dict[str, float] = {}  # ingress replica -> last heard from
         self.replica_seats = ReplicaSeats()
+        self.losses = LossLog()
         AdmissionState.configure(self, config)  # not an override: the actor's is async
 
     # ---- configuration, applied in place ---------------------------------------------
@@ -343,6 +344,11 @@ class AdmissionState:
         dedicated = planned is not None and planned.tier == "dedicated"
         self.replica_seats.drop(pool_key, actor_id, dedicated)
         self._apply_capacity(pool_key)
+        self.losses.add(pool_key)
+
+    async def next_loss(self, after: int, timeout_s: float) -> tuple[int, list[str]]:
+        """Long poll of an ingress: the pools that lost a replica after loss `after`."""
+        return await self.losses.after(after, timeout_s)
 
     def _apply_capacity(self, pool_key: str, now: float | None = None) -> None:
         planned = self.config.pools.get(pool_key)

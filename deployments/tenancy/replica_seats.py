@@ -10,7 +10,10 @@ replica, and each live one brings its seats back with its next heartbeat.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 HEARTBEAT_TTL_S = 15.0  # a model-server replica not heard from for this long is no capacity
@@ -70,3 +73,34 @@ class ReplicaSeats:
         now = time.monotonic() if now is None else now
         seen = self.replicas.get(pool_key, {}).values()
         return sum(1 for rep in seen if now - rep.seen <= HEARTBEAT_TTL_S)
+
+
+@dataclass
+class LossLog:
+    """Numbered replica losses, for ingresses that long-poll them (`next_loss`): a request
+    already sent to a deployment that lost its replica waits in Serve's router for a new
+    one and never sees the death, so its ingress must hear of it from here."""
+
+    seq: int = 0
+    recent: deque[tuple[int, str]] = field(default_factory=lambda: deque(maxlen=256))
+    _changed: asyncio.Event | None = None
+
+    def add(self, pool_key: str) -> None:
+        self.seq += 1
+        self.recent.append((self.seq, pool_key))
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def after(self, seq: int, timeout_s: float) -> tuple[int, list[str]]:
+        """(the latest number, pools lost after `seq`), once there is one or when
+        `timeout_s` passed. A `seq` ahead of this log's (it restarted) gets the latest."""
+        if seq >= self.seq:
+            if seq == self.seq:
+                if self._changed is None:
+                    self._changed = asyncio.Event()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), timeout_s)
+            if seq >= self.seq:
+                return self.seq, []
+        return self.seq, sorted({pool for n, pool in self.recent if n > seq})
