@@ -16,10 +16,12 @@ def main(address: str, port: str, model_dir: str, state_url: str, seed: str) -> 
     import ray
     from ray import serve
 
+    from bench.chaos.command import token_auth_like_ray_start
     from bench.chaos.scenarios import chaos_config, local_roles
     from bench.targets import _deploy
     from deployments.app import build_from_config
 
+    token_auth_like_ray_start()  # as the chaos command joins the cluster
     ray.init(address=address, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": int(port)})
     config = chaos_config(model_dir, state_url, local_roles(seed))

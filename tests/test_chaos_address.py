@@ -4,7 +4,9 @@ A real `ray start --head` on loopback ports of its own (tests/ports.py), Tiered 
 on it by another process, then the command run as an operator would, with `--address`,
 the tenants' keys and the admin key; its own pass conditions are read from its
 result.json. The cluster is stopped through its own process group (`ray start --block`
-in a session of its own): `ray stop` would stop every cluster on the machine.
+in a session of its own): `ray stop` would stop every cluster on the machine. It runs
+with token authentication, as `ray start` sets up when a token is at hand (its own,
+in RAY_AUTH_TOKEN): the command must join such a cluster as `ray start` would.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -60,6 +63,7 @@ def head(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "--dashboard-agent-grpc-port",
         "--runtime-env-agent-port",
         "--ray-client-server-port",
+        "--dashboard-port",
     ]
     cmd = [
         RAY,
@@ -75,7 +79,8 @@ def head(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         f"--temp-dir={temp}",
         *(f"{flag}={free_port()}" for flag in ports),
     ]
-    env = {**os.environ, "TIERED_STATE_DIR": str(logs)}
+    env = {**os.environ, "TIERED_STATE_DIR": str(logs), "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env.pop("RAY_AUTH_MODE", None)
     with open(logs / "ray-start.log", "wb") as log:
         proc = subprocess.Popen(
             cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -99,7 +104,7 @@ def head(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             timeout=900,
         )
         assert deploy.returncode == 0, deploy.stderr[-4000:]
-        yield {"address": address, "url": f"http://127.0.0.1:{http}", "out": logs}
+        yield {"address": address, "url": f"http://127.0.0.1:{http}", "out": logs, "env": env}
     finally:
         _stop(proc)
         shutil.rmtree(temp, ignore_errors=True)
@@ -139,7 +144,7 @@ def test_chaos_runs_against_a_cluster_it_did_not_start(head: dict) -> None:
             "--out",
             str(out),
         ],
-        env={**os.environ, "TIERED_ADMIN_KEY": roles.admin_key},
+        env={**head["env"], "TIERED_ADMIN_KEY": roles.admin_key},
         capture_output=True,
         text=True,
         timeout=600,
