@@ -11,6 +11,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from deployments.config.plan import BilledTier
 from deployments.state.config import StateSpec
 from deployments.state.ledger import Ledger
 from deployments.state.store import StateStore
@@ -44,7 +45,7 @@ def _ask(claim: str, tenant: str = "acme", owner: str = "i1") -> AdmissionReques
     return AdmissionRequest(claim, tenant, "m", 10, owner=owner)
 
 
-def _usage(request_id: str, completion: int, tier: str = "dedicated") -> UsageRecord:
+def _usage(request_id: str, completion: int, tier: BilledTier = "dedicated") -> UsageRecord:
     return UsageRecord(request_id, "acme", "m", tier, False, 5, 0, completion, 0.0, 1.0)
 
 
