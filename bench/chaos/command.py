@@ -45,6 +45,19 @@ RESULTS = Path("bench/results")
 APP = "chaos"
 
 
+def token_auth_like_ray_start() -> None:
+    """`ray start` turns token authentication on when a token is at hand (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and RAY_AUTH_MODE is unset; a driver joining
+    with `ray.init(address=...)` does not, and such a cluster refuses it. Do as `ray start`
+    does, with its own function (Ray's config is read at import: setting the variable
+    alone is too late). RAY_AUTH_MODE, when set, wins."""
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 def parse_roles(items: list[str], admin_key: str | None) -> Roles:
     found: dict[str, Tenant] = {}
     for item in items:
@@ -154,6 +167,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.address:
             import ray
 
+            token_auth_like_ray_start()
             ray.init(address=args.address, log_to_driver=False)
             stack.callback(ray.shutdown)
             target = ChaosTarget(args.app, args.url.rstrip("/").removesuffix("/v1"),

@@ -25,6 +25,10 @@ class Injected:
     at: float  # perf_counter() when the fault struck
     replica: str | None = None  # the model-server replica it took down, if one
     restore: Callable[[], None] | None = None  # run in the main thread once the run ends
+    # Run in the main thread right after the fault (a removed node's replacement joins;
+    # Ray starts a node's processes from the main thread only, so the load's event loop
+    # waits meanwhile).
+    follow_up: Callable[[], None] | None = None
 
 
 Injector = Callable[[ChaosTarget], Injected]
@@ -114,9 +118,10 @@ def kill_admission(target: ChaosTarget) -> Injected:
 
 
 def remove_node(target: ChaosTarget) -> Injected:
-    """Remove a worker node that holds a model-server replica (a shared one if any is on
-    a worker node, else a dedicated one); a node like it is added back once the run has
-    its figures, so the replica must be rescheduled on the nodes that are left."""
+    """Remove a worker node that holds a model-server replica (the dedicated one if it is
+    on a worker node, else a shared one), and add a node like it at once, as a cloud
+    provider replaces a lost node: the replicas are rescheduled on the nodes there are,
+    and the dedicated tenant spills to the shared pool until its replica is back."""
     import ray
 
     if target.cluster is None:
@@ -126,7 +131,7 @@ def remove_node(target: ChaosTarget) -> Injected:
     placed = [(d.startswith("shared-"), s) for d in model_deployments(target.app)
               for s in replica_stats(target.app, d)]
     on_worker = sorted(((shared, s) for shared, s in placed
-                        if set(s["node_ids"]) & workers.keys()), key=lambda p: not p[0])
+                        if set(s["node_ids"]) & workers.keys()), key=lambda p: p[0])
     if not on_worker:
         raise FaultUnavailable("no model-server replica runs on a worker node")
     shared, victim = on_worker[0]
@@ -139,14 +144,14 @@ def remove_node(target: ChaosTarget) -> Injected:
               if k not in ("CPU", "GPU", "memory", "object_store_memory")
               and not k.startswith("node:")}
 
-    def add_back() -> None:  # Ray starts a node's processes from the main thread only
+    def add_back() -> None:
         cluster.add_node(num_cpus=int(resources.get("CPU", 1)), resources=custom,
                          metrics_export_port=info["MetricsExportPort"])
 
     kind = "shared" if shared else "dedicated"
     return Injected(f"removed node {node.node_id[:12]} with {kind} replica "
-                    f"{victim['replica_id']} (one like it is added back after the run)", at,
-                    victim["replica_id"], add_back)
+                    f"{victim['replica_id']} (one like it joins at once)", at,
+                    victim["replica_id"], follow_up=add_back)
 
 
 def database_down(seconds: float) -> Injector:
@@ -188,6 +193,15 @@ def _billing(r: FaultReport) -> None:
             f"{r.tokens_billed} billed, {r.tokens_received} received")
 
 
+def _billing_backed_up(r: FaultReport) -> None:
+    """A dead ingress's streams are billed from the model servers' counts: at least what
+    the clients received (the tokens in flight inside the dead ingress are billed too)."""
+    billed = r.tokens_billed if r.tokens_billed is not None else -1
+    r.extra["billed_minus_received"] = billed - r.tokens_received
+    r.check("every token received was billed", billed >= r.tokens_received,
+            f"{billed} billed, {r.tokens_received} received")
+
+
 def _retried(r: FaultReport) -> None:
     failed = r.extra.get("errors_before_first_token", 0)
     r.check("requests with no token yet were retried and succeeded", failed == 0,
@@ -221,10 +235,12 @@ def check_tp_worker_kill(r: FaultReport) -> None:
 
 
 def check_ingress_kill(r: FaultReport) -> None:
-    """Kill an ingress replica: seats and claims back within 60 s, the other one serves."""
+    """Kill an ingress replica: seats and claims back within 60 s, the other one serves,
+    and every token its clients received is billed."""
     _common(r, 60)
     r.check("the other ingress kept serving", r.extra.get("completed_during_outage", 0) > 0,
             f"{r.extra.get('completed_during_outage', 0)} completed while it was replaced")
+    _billing_backed_up(r)
 
 
 def check_admission_kill(r: FaultReport) -> None:
@@ -240,6 +256,9 @@ def check_node_removal(r: FaultReport) -> None:
     _common(r, 120)
     r.check("the replica was rescheduled", r.extra.get("replicas_back_after_s") is not None,
             f"back after {r.extra.get('replicas_back_after_s')} s")
+    # Billed against received is reported, not checked: a stream whose ingress and model
+    # server were both on the node is counted by no one left (RELIABILITY.md).
+    r.extra["billed_minus_received"] = (r.tokens_billed or 0) - r.tokens_received
     if r.extra.get("dedicated_replaced"):
         spilled = r.extra.get("dedicated_served_by_shared", 0)
         r.check("the dedicated tenant spilled to the shared pool (service_tier says so)",

@@ -88,6 +88,8 @@ async def run_fault(target: ChaosTarget, fault: Fault, shape: LoadShape) -> Faul
         counts = await asyncio.to_thread(model_deployments, target.app)
         injected = await asyncio.to_thread(fault.inject, target)
         fault_at = injected.at
+        if injected.follow_up is not None:
+            injected.follow_up()
         rss_first = asyncio.create_task(_rss_at(fault_at + shape.rss_from_s, shape))
         back = asyncio.create_task(asyncio.to_thread(
             _replicas_back, target.app, counts, before, injected.replica, fault_at,

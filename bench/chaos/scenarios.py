@@ -48,8 +48,8 @@ def local_roles(seed: str) -> Roles:
 
 def chaos_config(model_path: str, state_url: str, roles: Roles) -> TieredConfig:
     """A shared pool of 2 TP=2 replicas, a dedicated tenant on one TP=1 replica (on the
-    node with the `node_head` resource) that spills to the shared pool, 2 ingress
-    replicas, the ledger at `state_url`."""
+    worker node, with the `node_worker` resource, which node_removal takes) that spills
+    to the shared pool, 2 ingress replicas, the ledger at `state_url`."""
     engine = {"num_kv_blocks": 256, "max_num_seqs": 4, "max_num_batched_tokens": 512}
     assert roles.dedicated is not None
 
@@ -61,12 +61,10 @@ def chaos_config(model_path: str, state_url: str, roles: Roles) -> TieredConfig:
                     "shared_pool": {"num_replicas": 2, "tp_size": 2}}],
         "tenants": [
             tenant(roles.shared),
-            # On the head node, so node_removal always takes a shared replica's node
-            # (a dedicated replica lost with its node waits for its replacement instead
-            # of spilling: RELIABILITY.md, found and not fixed).
+            # On the worker node, so node_removal takes it: its tenant must spill.
             tenant(roles.dedicated, tier="dedicated", dedicated={
                 "model": MODEL, "reserved_replicas": 1, "max_replicas": 1, "spill": True,
-                "replica": {"node_type_resource": "node_head"},
+                "replica": {"node_type_resource": "node_worker"},
             }),
             tenant(roles.leaver),
             tenant(roles.probe),

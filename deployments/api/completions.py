@@ -14,17 +14,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from fastapi.responses import JSONResponse, Response
-from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.api.claims import ClosingStreamingResponse
 from deployments.api.errors import OpenAIError, from_engine_error
 from deployments.api.responses import SSE_DONE, ResponseBuilder, sse
+from deployments.api.seating import Seating, SeatLost, replica_lost
 from deployments.config.plan import Tier
 from deployments.observability.requests import RequestTimer
 from deployments.replicas.requests import GenerateRequest, ServedOutput
 from deployments.tenancy.types import UsageRecord, UsageStatus
-from models.errors import EngineDeadError
 from models.outputs import Usage
 
 log = logging.getLogger(__name__)
@@ -42,13 +41,26 @@ class Served:
     job: GenerateRequest
     tenant: str
     model: str  # the base model (an adapter is job.lora)
-    tier: Tier
-    spill: bool
+    seating: Seating  # the tier admission chose, and where a lost replica's request goes
     timer: RequestTimer
     finish: Finish
-    started_at: float = field(default_factory=time.time)
     usage: Usage = field(default_factory=Usage)
     closed: bool = False
+
+    @property
+    def tier(self) -> Tier:
+        assert self.seating.admitted.tier is not None
+        return self.seating.admitted.tier
+
+    @property
+    def spill(self) -> bool:
+        return self.seating.admitted.spill
+
+    def failed(self, exc: BaseException) -> None:
+        """The stream failed: a replica that died under it loses its seats now, so the
+        next request of a dedicated tenant spills instead of waiting for the replacement."""
+        if replica_lost(exc):
+            self.seating.lost(exc)
 
     async def close(self, status: UsageStatus) -> None:
         """Finish the claim once, with the usage the client received."""
@@ -67,7 +79,7 @@ class Served:
                 prompt_tokens=self.usage.prompt_tokens,
                 cached_tokens=self.usage.cached_tokens,
                 completion_tokens=self.usage.completion_tokens,
-                started_at=self.started_at,
+                started_at=self.seating.started_at,
                 ended_at=time.time(),
                 status=status,
                 adapter=self.job.lora.name if self.job.lora else None,
@@ -85,18 +97,6 @@ def _stream_outputs(served: Served, handle: DeploymentHandle) -> DeploymentRespo
     return outputs
 
 
-def replica_lost(exc: BaseException) -> bool:
-    """The replica died, or its engine did: nothing about the request itself."""
-    cause: BaseException | None = exc
-    for _ in range(4):  # Ray wraps user exceptions; walk to the typed one
-        if cause is None:
-            return False
-        if isinstance(cause, RayActorError | EngineDeadError):
-            return True
-        cause = getattr(cause, "cause", None) or cause.__cause__
-    return False
-
-
 async def open_stream(
     served: Served, handle: DeploymentHandle
 ) -> tuple[DeploymentResponseGenerator, ServedOutput]:
@@ -107,22 +107,55 @@ async def open_stream(
     itself), up to SEND_ATTEMPTS times. Any other error before the first output is the
     request's error: closed and mapped to its OpenAI error here."""
     for attempt in range(1, SEND_ATTEMPTS + 1):
+        lost = served.seating.watch()
         outputs = _stream_outputs(served, handle)
         try:
-            return outputs, await outputs.__anext__()
+            return outputs, await _first_output(outputs, lost)
         except BaseException as exc:
             outputs.cancel()
-            if attempt < SEND_ATTEMPTS and replica_lost(exc):
+            if attempt < SEND_ATTEMPTS and (isinstance(exc, SeatLost) or replica_lost(exc)):
                 log.warning("replica lost before %s's first token (%s); sending it again",
                             served.job.request_id, type(exc).__name__)
+                handle = await _reseat(served, exc)
                 await asyncio.sleep(RESEND_PAUSE_S * attempt)
                 continue
+            served.failed(exc)
             await served.close("error")
             mapped = from_engine_error(exc)
             if mapped is None:
                 raise
             raise mapped from None
     raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+async def _first_output(
+    outputs: DeploymentResponseGenerator, lost: asyncio.Event | None
+) -> ServedOutput:
+    """The first output, or SeatLost when the seat's pool loses a replica first."""
+    if lost is None:
+        return await outputs.__anext__()
+    first = asyncio.ensure_future(outputs.__anext__())
+    waiter = asyncio.ensure_future(lost.wait())
+    try:
+        await asyncio.wait({first, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not first.done():
+            first.cancel()
+    if not first.done() or first.cancelled():
+        raise SeatLost
+    return first.result()
+
+
+async def _reseat(served: Served, exc: BaseException) -> DeploymentHandle:
+    """Where to send a request again whose replica was lost (a dedicated one may spill)."""
+    try:
+        await served.seating.reseat(exc)
+    except OpenAIError:
+        await served.close("error")
+        raise
+    served.job = served.seating.job(served.job)
+    return served.seating.handle
 
 
 def served_headers(served: Served, first: ServedOutput, headers: dict[str, str]) -> dict[str, str]:
@@ -139,6 +172,7 @@ async def respond(
 ) -> Response:
     """A body, or an SSE stream that closes the claim when it ends."""
     outputs, first = await open_stream(served, handle)
+    builder.service_tier = served.tier  # a lost replica's request may have spilled
     headers = served_headers(served, first, headers)
     if stream:
         body = _sse(served, builder, first, outputs, include_usage)
@@ -157,6 +191,7 @@ async def respond(
         status = "ok"
     except Exception as exc:
         status = "error"
+        served.failed(exc)
         mapped = from_engine_error(exc)
         if mapped is None:
             raise
@@ -202,6 +237,7 @@ async def _sse(
         yield SSE_DONE
     except Exception as exc:  # the replica failed mid-stream: end with an error event
         status = "error"
+        served.failed(exc)
         mapped = from_engine_error(exc)
         if mapped is None:
             log.exception("stream of %s failed", served.job.request_id)

@@ -46,12 +46,12 @@ from deployments.api.prompts import Prompt, ServedModel
 from deployments.api.protocol import OpenAIRequest, parse_request
 from deployments.api.responses import ResponseBuilder
 from deployments.api.responses_protocol import parse_responses_request
+from deployments.api.seating import Seating
 from deployments.api.stateful_routes import StatefulRoutes
 from deployments.api.stateful_routes import router as stateful_router
 from deployments.api.tokenizers import load_served_models
 from deployments.api.turns import RESPONSE_ID_PREFIX, Dispatched, TurnService
 from deployments.api.upkeep import Upkeep
-from deployments.config.plan import dedicated_pool_key
 from deployments.config.tenants import TenantSpec
 from deployments.config.tiered import TieredConfig
 from deployments.observability.requests import RequestMetricsMiddleware, RequestTimer
@@ -294,29 +294,24 @@ class Ingress(FineTuningRoutes, StatefulRoutes):
                 owner=self.owner,
             ),
         )
-        assert admission.tier is not None
-        timer.serving(tenant.name, admission.tier, admission.spill)
-        request.state.tier = timer.tier
-        dedicated = admission.tier == "dedicated"
-        handle = self.handles[dedicated_pool_key(tenant.name) if dedicated else model.base]
-        job = GenerateRequest(
+        seating = Seating(self.admission, self.handles, request, timer, claim_id, tenant.name,
+                          model.base, admission)
+        seating.seated()
+        job = seating.job(GenerateRequest(
             request_id=request_id,
             prompt=prompt.token_ids,
             params=prompt.params,
-            priority=admission.band,
             cache_salt=tenant.name,
             affinity_replica=affinity_replica,
             retain=request_id.startswith(RESPONSE_ID_PREFIX),
             lora=model.lora,
-        )
+        ))
 
         async def finish(usage: UsageRecord | None) -> None:
             await self.admission.finish(claim_id, usage)
 
-        served = Served(
-            job, tenant.name, model.base, admission.tier, admission.spill, timer, finish
-        )
-        return Dispatched(served, handle, ratelimit_headers(admission.limits))
+        served = Served(job, tenant.name, model.base, seating, timer, finish)
+        return Dispatched(served, seating.handle, ratelimit_headers(admission.limits))
 
     async def _admit(
         self, request: Request, tenant: TenantSpec, ask: AdmissionRequest

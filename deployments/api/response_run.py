@@ -107,6 +107,7 @@ async def respond_response(
     except OpenAIError as exc:
         await _save_failed(run, exc)
         raise
+    run.draft.service_tier = served.tier  # a lost replica's request may have spilled
     headers = served_headers(served, first, headers)
     if stream:
         return ClosingStreamingResponse(
@@ -127,6 +128,7 @@ async def respond_response(
         raise
     except Exception as exc:
         status = "error"
+        served.failed(exc)
         mapped = from_engine_error(exc)
         if mapped is None:
             raise
@@ -165,6 +167,7 @@ async def _events(
             yield frame
     except Exception as exc:  # the replica failed mid-stream
         status = "error"
+        run.served.failed(exc)
         mapped = from_engine_error(exc)
         if mapped is None:
             log.exception("stream of %s failed", run.draft.id)

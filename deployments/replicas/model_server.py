@@ -47,11 +47,13 @@ from deployments.replicas.affinity_router import adapter_stat, affinity_router_c
 from deployments.replicas.placement import replica_actor_options, worker_actor_options
 from deployments.replicas.requests import GenerateRequest, ServedOutput
 from deployments.replicas.tp_worker import TPWorker, rendezvous_address
+from deployments.replicas.usage_backup import UsageBackup
+from deployments.tenancy.types import UsageStatus
 from models.async_engine import AsyncLLMEngine
 from models.default_model import resolve_model_path
 from models.errors import EngineDeadError
 from models.lora import LoRARequest
-from models.outputs import EngineStats
+from models.outputs import EngineStats, RequestOutput
 from models.tokenizer import tokenizer_files
 from models.tp import ParallelContext, init_parallel
 
@@ -83,6 +85,9 @@ class ModelServer:
         self.shard = shard
         self._admission: ActorHandle | None = None
         self._queue_signals: dict[str, float] = {}
+        self.usage_backup = UsageBackup()
+        self.actor_id = ray.get_runtime_context().get_actor_id() or ""
+        self.actor = ray.get_runtime_context().current_actor  # admission pings it
         self._retiring = False
         self._exiting: asyncio.Task | None = None
         self.spec = ModelSpec.model_validate(model)
@@ -165,7 +170,11 @@ class ModelServer:
         ) from cause
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[ServedOutput]:
-        """Stream the engine's outputs for one admitted request."""
+        """Stream the engine's outputs for one admitted request; however it ends, what it
+        produced goes to admission with the next heartbeat (billed only if the ingress
+        that asked died before finishing the request)."""
+        last: RequestOutput | None = None
+        status: UsageStatus = "client_disconnect"
         try:
             async for out in self.engine.generate(
                 request.request_id,
@@ -176,10 +185,15 @@ class ModelServer:
                 retain=request.retain,
                 lora=request.lora,
             ):
+                last = out
                 yield ServedOutput(out, self.replica_id)
+            status = "ok"
         except EngineDeadError:
+            status = "error"
             self._retire()
             raise
+        finally:
+            self.usage_backup.produced(request, last, status)
 
     async def load_lora(self, lora: LoRARequest) -> float:
         """Load an adapter before its first request needs it (a no-op when held); the
@@ -200,12 +214,15 @@ class ModelServer:
             if self._admission is None:
                 name = admission_actor_name(self.report_to, self.shard)
                 self._admission = ray.get_actor(name, namespace=ADMISSION_NAMESPACE)
+            served = self.usage_backup.pending()
             self._queue_signals = await asyncio.wait_for(
                 self._admission.replica_heartbeat.remote(
-                    self.pool, self.replica_id, self.spec.engine.max_num_seqs
+                    self.pool, self.replica_id, self.spec.engine.max_num_seqs, None,
+                    self.actor_id, served, self.actor,
                 ),
                 HEARTBEAT_TIMEOUT_S,
             )
+            self.usage_backup.delivered(len(served))
         except (ValueError, RayActorError, TimeoutError):  # not made yet, or gone: retry
             self._admission = None
 
@@ -299,6 +316,8 @@ class ModelServer:
         self._kill_workers()
         if not self._retiring:
             self._retiring = True
+            if self._admission is not None:  # its seats go now, not at the heartbeat TTL
+                self._admission.replica_lost.remote(self.pool, self.actor_id)
             self._exiting = asyncio.get_running_loop().create_task(self._exit())
 
     async def _exit(self) -> None:

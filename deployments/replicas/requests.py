@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from deployments.tenancy.types import ServedUsage
 from models.lora import LoRARequest
 from models.outputs import RequestOutput
 from models.sampling_params import SamplingParams
@@ -28,6 +29,10 @@ class GenerateRequest:
     # The adapter to run with (loaded on demand, evicting the least recently used): the
     # router prefers a replica that already holds this name and version.
     lora: LoRARequest | None = None
+    # The usage record the ingress will make, with no tokens yet: the replica fills in
+    # what it produced and reports it to admission, which bills it only if the ingress
+    # died before finishing the request (deployments.tenancy.types.ServedUsage).
+    billing: ServedUsage | None = None
 
 
 @dataclass

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import ray
 from ray.actor import ActorHandle
+from ray.exceptions import RayActorError
 
 from deployments.config.plan import ADMISSION_NAMESPACE, admission_actor_name
 from deployments.observability.admission import EXPORT_INTERVAL_S
@@ -34,11 +35,15 @@ from deployments.tenancy.types import (
     HeartbeatReply,
     HeldClaim,
     LedgerStatus,
+    ServedUsage,
     UsageRecord,
 )
 
 log = logging.getLogger(__name__)
 PREPARE_RETRY_S = 2.0
+WATCH_INTERVAL_S = 1.0  # dedicated replicas are pinged this often
+WATCH_TIMEOUT_S = 3.0  # a ping slower than this is load, not a death: asked again
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives the head node this resource
 LEDGER_READ_TIMEOUT_S = 2.0  # well inside the caller's RPC timeout: an outage is "pending"
 
 
@@ -48,9 +53,11 @@ class AdmissionActor(AdmissionState):
 
     _exporting: asyncio.Task | None = None
     _preparing: asyncio.Task | None = None
+    _watching: asyncio.Task | None = None
 
     def __init__(self, config: AdmissionConfig) -> None:
         super().__init__(config)
+        self._watched: dict[str, tuple[str, ActorHandle]] = {}  # actor id -> pool, handle
         if config.state is not None:
             store = StateStore.connect(resolve_state_spec(config.state))
             self.ledger = LedgerWriter(Ledger(store))
@@ -94,10 +101,21 @@ class AdmissionActor(AdmissionState):
         return super().ingress_heartbeat(owner, held, now)
 
     async def replica_heartbeat(  # type: ignore[override]
-        self, pool_key: str, replica_id: str, seats: int, now: float | None = None
+        self,
+        pool_key: str,
+        replica_id: str,
+        seats: int,
+        now: float | None = None,
+        actor_id: str = "",
+        served: Sequence[ServedUsage] = (),
+        handle: ActorHandle | None = None,
     ) -> dict[str, float]:
+        """`handle`: the replica's actor, pinged while it serves a dedicated pool."""
         self._start_background()
-        return super().replica_heartbeat(pool_key, replica_id, seats, now)
+        planned = self.config.pools.get(pool_key)
+        if handle is not None and actor_id and planned is not None and planned.tier == "dedicated":
+            self._watched[actor_id] = (pool_key, handle)
+        return super().replica_heartbeat(pool_key, replica_id, seats, now, actor_id, served)
 
     # ---- the ledger: what an ingress asks about the records it holds -----------------
     async def ledger_status(self, request_ids: Sequence[str]) -> LedgerStatus:
@@ -136,6 +154,8 @@ class AdmissionActor(AdmissionState):
     def _start_background(self) -> None:
         if self._exporting is None or self._exporting.done():
             self._exporting = asyncio.get_running_loop().create_task(self._export_forever())
+        if self._watching is None or self._watching.done():
+            self._watching = asyncio.get_running_loop().create_task(self._watch_forever())
         if self.ledger is not None and self._preparing is None:
             self._preparing = asyncio.get_running_loop().create_task(self._prepare_ledger())
 
@@ -153,6 +173,22 @@ class AdmissionActor(AdmissionState):
         self.ledger.start()
         log.info("ledger: writing to %s", store.url)
 
+    async def _watch_forever(self) -> None:
+        """Ping each dedicated replica: one whose node is gone fails at once (its actor is
+        unreachable), long before its heartbeat is overdue, and its tenant spills."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            watched = list(self._watched.items())
+            pings: list[ray.ObjectRef] = [h.__ray_ready__.remote() for _, (_, h) in watched]
+            results = await asyncio.gather(
+                *(asyncio.wait_for(p, WATCH_TIMEOUT_S) for p in pings), return_exceptions=True
+            )
+            for (actor_id, (pool_key, _)), result in zip(watched, results, strict=True):
+                if isinstance(result, RayActorError):
+                    log.warning("dedicated replica %s of %s lost", actor_id, pool_key)
+                    del self._watched[actor_id]
+                    self.replica_lost(pool_key, actor_id)
+
     async def _export_forever(self) -> None:
         while True:
             live = {key: self.live_replicas(key) for key in self.config.pools}
@@ -162,13 +198,18 @@ class AdmissionActor(AdmissionState):
 
 def get_admission(app_name: str, config: AdmissionConfig) -> ActorHandle:
     """The app's admission actor (or `config.shard`'s), created by the first caller with
-    `config`. A caller with a newer config then applies it with `configure`."""
-    # A tenant's shard runs on the tenant's own node type, beside its front door.
-    resources = {config.node_resource: 0.001} if config.node_resource else {}
+    `config`. A caller with a newer config then applies it with `configure`.
+
+    A tenant's shard runs on the tenant's own node type, beside its front door. The shared
+    one runs where the shared front door is pinned (`ingress.node_type_resource`), else on
+    the head node, as Serve's controller is: the loss of a worker node never takes
+    admission with it (Ray would restart it only once the node is declared dead, some
+    20 s of 503s), and the head going takes the cluster's GCS anyway."""
+    node = config.node_resource or HEAD_NODE_RESOURCE
     return AdmissionActor.options(  # type: ignore[attr-defined]
         name=admission_actor_name(app_name, config.shard),
         namespace=ADMISSION_NAMESPACE,
         get_if_exists=True,
         lifetime="detached",
-        resources=resources,
+        resources={node: 0.001},
     ).remote(config)

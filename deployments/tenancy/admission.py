@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from deployments.observability.admission import AdmissionExporter
@@ -27,6 +28,7 @@ from deployments.state.writer import LedgerWriter
 from deployments.tenancy.fair_queue import FairDispatcher, QueueFull, QueueTimeout, Ticket
 from deployments.tenancy.metering import ReservationClock
 from deployments.tenancy.rate_limits import RateLimitState
+from deployments.tenancy.replica_seats import HEARTBEAT_TTL_S, LossLog, ReplicaSeats
 from deployments.tenancy.types import (
     Admission,
     AdmissionConfig,
@@ -38,11 +40,11 @@ from deployments.tenancy.types import (
     RateLimitStatus,
     Refusal,
     RefusalReason,
+    ServedUsage,
     TenantPolicy,
     UsageRecord,
 )
 
-HEARTBEAT_TTL_S = 15.0  # a model-server replica not heard from for this long is no capacity
 # An ingress replica not heard from for this long is gone (crashed, replaced): everything
 # its requests held is settled. Ingress replicas report at each health check, and the
 # claims are settled at the next report of any of them: within TTL + one period of the
@@ -52,6 +54,7 @@ OWNER_TTL_S = 4 * INGRESS_HEARTBEAT_S
 # A claim finished before its admit ran (the caller gave up first) is refused on arrival;
 # such ids, and recently finished ones (never re-registered), are kept this long.
 FORGET_AFTER_S = 2 * OWNER_TTL_S
+ABANDONED = Refusal("abandoned", 0.0)
 
 
 @dataclass
@@ -70,6 +73,7 @@ class Claim:
     ticket: Ticket | None = None  # a shared-pool seat
     dedicated: bool = False  # a seat of the tenant's private copy
     waiter: asyncio.Task | None = field(default=None, repr=False)
+    served: UsageRecord | None = None  # the model server's count, billed if orphaned
 
 
 def _current_task() -> asyncio.Task | None:
@@ -93,7 +97,8 @@ class AdmissionState:
         self.exporter = AdmissionExporter({})
         self._forgotten: dict[str, float] = {}  # claim id -> when it was finished
         self._owner_seen: dict[str, float] = {}  # ingress replica -> last heard from
-        self._seats: dict[str, dict[str, tuple[int, float]]] = {}  # pool -> replica -> seen
+        self.replica_seats = ReplicaSeats()
+        self.losses = LossLog()
         AdmissionState.configure(self, config)  # not an override: the actor's is async
 
     # ---- configuration, applied in place ---------------------------------------------
@@ -106,15 +111,15 @@ class AdmissionState:
             return self.config.version
         self.config = config
         for key, pool in config.pools.items():
-            live = self._live_seats(key)
+            capacity = self.replica_seats.capacity(key, pool.seats)
             if pool.tier == "shared":
                 if key not in self.pools:
-                    self.pools[key] = FairDispatcher(live or pool.seats, config.max_queue_len)
+                    self.pools[key] = FairDispatcher(capacity, config.max_queue_len)
                 self.pools[key].max_queue_len = config.max_queue_len
             else:
                 tenant = key.split(":", 1)[1]
                 seats = self.dedicated.setdefault(tenant, Seats(pool.seats))
-                seats.capacity = live or pool.seats
+                seats.capacity = capacity
         self.exporter.facts = dict(config.pools)
         return config.version
 
@@ -155,6 +160,32 @@ class AdmissionState:
         if usage is not None and record:
             self.record(usage)
         return self._settle(claim_id, usage.total_tokens if usage else 0)
+
+    async def reseat(
+        self, claim_id: str, pool_key: str | None = None, actor_id: str | None = None
+    ) -> Admission:
+        """A dedicated request whose replica was lost before its first output (that loss
+        reported as `replica_lost(pool_key, actor_id)`): give up its seat and seat it
+        again, on another dedicated replica if one has room, else as spill (or refuse
+        when its tenant chose no spill, settling the claim). Limits are not charged again."""
+        if pool_key is not None:
+            self.replica_lost(pool_key, actor_id)
+        claim = self.claims.get(claim_id)
+        policy = self.config.tenants.get(claim.request.tenant) if claim else None
+        if claim is None or policy is None or claim.admission is None:
+            return Admission(claim_id, refusal=ABANDONED)
+        if claim.dedicated:
+            claim.dedicated = False
+            seats = self.dedicated[claim.request.tenant]
+            seats.in_use = max(0, seats.in_use - 1)
+        limits = claim.admission.limits
+        claim.admission = None
+        admission = await self._seat(claim, policy, limits)
+        if admission.admitted and claim_id in self.claims:
+            claim.admission = admission
+            return admission
+        self._settle(claim_id, 0)  # refused, or finished by its caller meanwhile
+        return admission if admission.refusal else Admission(claim_id, refusal=ABANDONED)
 
     def record(self, usage: UsageRecord) -> None:
         """The one path usage takes to billing. The ledger drops a replayed request id."""
@@ -271,50 +302,73 @@ class AdmissionState:
             return 0
         orphans = [c for c, claim in self.claims.items() if claim.request.owner in gone]
         for claim_id in orphans:
-            self._settle(claim_id, 0)
+            served = self.claims[claim_id].served
+            if served is not None:  # its ingress billed nothing: the model server's count
+                self.record(served)
+            self._settle(claim_id, served.total_tokens if served else 0)
         for owner in gone:
             del self._owner_seen[owner]
         return len(orphans)
 
     # ---- model-server replicas: capacity follows the replicas alive -------------------
     def replica_heartbeat(
-        self, pool_key: str, replica_id: str, seats: int, now: float | None = None
+        self,
+        pool_key: str,
+        replica_id: str,
+        seats: int,
+        now: float | None = None,
+        actor_id: str = "",
+        served: Sequence[ServedUsage] = (),
     ) -> dict[str, float]:
-        """A model-server replica is alive with `seats`; returns its pool's queue signals
+        """A model-server replica is alive with `seats`, and `served` is what it produced
+        for requests that ended since its last beat; returns its pool's queue signals
         (the autoscaling policy reads them). Autoscaling changes the replica count, and
         with it the seats admission hands out."""
         now = time.monotonic() if now is None else now
-        self._seats.setdefault(pool_key, {})[replica_id] = (seats, now)
+        for usage in served:  # kept only while the claim is held (not yet finished)
+            claim = self.claims.get(usage.claim_id)
+            if claim is not None:
+                claim.served = usage.record
+        self.replica_seats.beat(pool_key, replica_id, seats, now, actor_id)
+        self._apply_capacity(pool_key, now)
         planned = self.config.pools.get(pool_key)
-        capacity = self._live_seats(pool_key, now) or (planned.seats if planned else 0)
         if pool_key in self.pools:
             dispatcher = self.pools[pool_key]
-            dispatcher.set_capacity(capacity)
             recent = dispatcher.wait_times[-50:]
             return {
                 "dispatcher_queue_depth": float(dispatcher.depth),
                 "dispatcher_mean_wait_s": sum(recent) / len(recent) if recent else 0.0,
             }
         tenant = pool_key.split(":", 1)[-1]
-        if tenant in self.dedicated:
-            self.dedicated[tenant].capacity = capacity
         if planned is not None and planned.tier == "dedicated" and self.ledger is not None:
             for row in self.reservations.beat(tenant, planned.model, replica_id):
                 self.ledger.add_reservation(row)
         return {"dispatcher_queue_depth": 0.0, "dispatcher_mean_wait_s": 0.0}
 
-    def _live_seats(self, pool_key: str, now: float | None = None) -> int:
-        now = time.monotonic() if now is None else now
-        replicas = self._seats.get(pool_key, {})
-        for rid in [r for r, (_, seen) in replicas.items() if now - seen > HEARTBEAT_TTL_S]:
-            del replicas[rid]
-        return sum(s for s, _ in replicas.values())
+    def replica_lost(self, pool_key: str, actor_id: str | None) -> None:
+        """A replica of `pool_key` is known dead (its actor, `actor_id` when known, died
+        under a request; or it retired itself): its seats go now, not at the TTL."""
+        planned = self.config.pools.get(pool_key)
+        dedicated = planned is not None and planned.tier == "dedicated"
+        self.replica_seats.drop(pool_key, actor_id, dedicated)
+        self._apply_capacity(pool_key)
+        self.losses.add(pool_key)
+
+    async def next_loss(self, after: int, timeout_s: float) -> tuple[int, list[str]]:
+        """Long poll of an ingress: the pools that lost a replica after loss `after`."""
+        return await self.losses.after(after, timeout_s)
+
+    def _apply_capacity(self, pool_key: str, now: float | None = None) -> None:
+        planned = self.config.pools.get(pool_key)
+        capacity = self.replica_seats.capacity(pool_key, planned.seats if planned else 0, now)
+        if pool_key in self.pools:
+            self.pools[pool_key].set_capacity(capacity)
+        elif (tenant := pool_key.split(":", 1)[-1]) in self.dedicated:
+            self.dedicated[tenant].capacity = capacity
 
     def live_replicas(self, pool_key: str, now: float | None = None) -> int:
         """Replicas of a pool heard from within the heartbeat TTL."""
-        now = time.monotonic() if now is None else now
-        seen = self._seats.get(pool_key, {}).values()
-        return sum(1 for _, at in seen if now - at <= HEARTBEAT_TTL_S)
+        return self.replica_seats.live_replicas(pool_key, now)
 
     def snapshot(self) -> AdmissionSnapshot:
         return AdmissionSnapshot(

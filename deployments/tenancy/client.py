@@ -44,6 +44,7 @@ RPC_TIMEOUT_S = 5.0  # a call that is not a queue wait: heartbeat, finish, probe
 START_TIMEOUT_S = 60.0  # the first ingress may wait for the actor's process to start
 QUEUE_MARGIN_S = 5.0  # admit may wait the queue deadline, plus this
 PROBE_INTERVAL_S = 0.5
+LOSS_POLL_S = 30.0  # one long poll for replica losses waits this long at most
 CONCURRENCY_BLOCK_S = 0.25  # a slot may free any moment: remember such a refusal briefly
 CONFIRM_BATCH = 5000  # request ids asked about per ledger_status call
 
@@ -73,6 +74,8 @@ class AdmissionClient:
         self._settle_only: set[str] = set()  # claims whose usage another shard records
         self._handle: ActorHandle | None = None
         self._recovering: asyncio.Task | None = None
+        self._losses: dict[str, asyncio.Event] = {}  # pool key -> set at its next loss
+        self._watching: asyncio.Task | None = None
 
     @property
     def actor(self) -> ActorHandle:
@@ -83,6 +86,28 @@ class AdmissionClient:
     async def start(self) -> None:
         """Make or find the actor and apply this replica's config (newest wins)."""
         await asyncio.wait_for(self.actor.configure.remote(self.config), START_TIMEOUT_S)
+        self._watching = asyncio.get_running_loop().create_task(self._watch_losses())
+
+    def next_loss(self, pool_key: str) -> asyncio.Event:
+        """Set when `pool_key` next loses a replica (admission says so)."""
+        return self._losses.setdefault(pool_key, asyncio.Event())
+
+    async def _watch_losses(self) -> None:
+        """Long-poll admission for replica losses, for the requests waiting on them."""
+        seq = 0
+        pools: list[str]
+        while True:
+            try:
+                seq, pools = await asyncio.wait_for(
+                    self.actor.next_loss.remote(seq, LOSS_POLL_S), LOSS_POLL_S + RPC_TIMEOUT_S
+                )
+            except (RayActorError, TimeoutError):
+                await asyncio.sleep(PROBE_INTERVAL_S)  # a restarting actor: poll again
+                continue
+            for pool in pools:
+                event = self._losses.pop(pool, None)
+                if event is not None:
+                    event.set()
 
     @property
     def available(self) -> bool:
@@ -123,6 +148,33 @@ class AdmissionClient:
         else:
             self._remember(req.tenant, admission)
         return admission
+
+    async def reseat(
+        self, claim_id: str, pool_key: str | None, actor_id: str | None
+    ) -> Admission:
+        """The replica of `pool_key` that `claim_id`'s request was sent to was lost before
+        its first output: admission drops it (None: it knows already) and seats the claim
+        again (a dedicated one spills). A refusal means the claim is settled."""
+        if not self.available:
+            raise AdmissionUnavailable
+        try:
+            admission: Admission = await asyncio.wait_for(
+                self.actor.reseat.remote(claim_id, pool_key, actor_id),
+                self.config.queue_deadline_s + QUEUE_MARGIN_S,
+            )
+        except (RayActorError, TimeoutError) as exc:
+            self._lost(exc)
+            raise AdmissionUnavailable from None
+        held = self.held.pop(claim_id, None)
+        if held is not None and admission.admitted:
+            self.held[claim_id] = replace(held, admission=admission)
+        return admission
+
+    def replica_lost(self, pool_key: str, actor_id: str | None) -> None:
+        """A stream's replica died under it: admission drops its seats now. Not awaited
+        (the stream's error goes out first); a lost report is made good by the TTL."""
+        if self.available:
+            remote_outside_request(self.actor.replica_lost, pool_key, actor_id)
 
     async def finish(self, claim_id: str, usage: UsageRecord | None, record: bool = True) -> None:
         """Settle the claim and record usage (unless another shard records it: `record`);

@@ -53,6 +53,12 @@ class ShardedAdmission:
         admission = await home.admit(req)
         if not admission.seat_elsewhere:
             return admission
+        return await self._seat_elsewhere(home, req, admission)
+
+    async def _seat_elsewhere(
+        self, home: AdmissionClient, req: AdmissionRequest, admission: Admission
+    ) -> Admission:
+        """`home` reserved the limits and wants a shared seat: the shared shard's."""
         try:
             seated = await self.shared.admit(replace(req, limits_reserved=True))
         except BaseException:
@@ -63,6 +69,29 @@ class ShardedAdmission:
         else:
             self._spilled[req.claim_id] = home
         return replace(seated, limits=admission.limits)
+
+    async def reseat(
+        self, claim_id: str, pool_key: str | None, actor_id: str | None
+    ) -> Admission:
+        """A dedicated request whose replica was lost (deployments.api.seating): its own
+        shard seats it again, and a spill it decides on is seated by the shared shard."""
+        home = self._pool_client(pool_key) if pool_key else self._home_of(claim_id, None)
+        held = home.held.get(claim_id)
+        moved = await home.reseat(claim_id, pool_key, actor_id)
+        if not moved.seat_elsewhere or held is None:
+            return moved
+        return await self._seat_elsewhere(home, held.request, moved)
+
+    def next_loss(self, pool_key: str) -> asyncio.Event:
+        return self._pool_client(pool_key).next_loss(pool_key)
+
+    def replica_lost(self, pool_key: str, actor_id: str | None) -> None:
+        self._pool_client(pool_key).replica_lost(pool_key, actor_id)
+
+    def _pool_client(self, pool_key: str) -> AdmissionClient:
+        """The shard that holds a pool's seats: a dedicated tenant's own, or the shared."""
+        tier, _, tenant = pool_key.partition(":")
+        return self.clients.get(tenant, self.shared) if tier == "dedicated" else self.shared
 
     async def finish(self, claim_id: str, usage: UsageRecord | None) -> None:
         """The tenant's shard settles its limits and records the usage; for a seat taken

@@ -133,6 +133,16 @@ class UsageRecord:
 
 
 @dataclass(frozen=True)
+class ServedUsage:
+    """What a model server produced for one claim's request, as the usage record the
+    ingress would have made. Admission keeps it with the claim and bills it only if the
+    claim ends as an orphan (its ingress died before finishing it); a finish drops it."""
+
+    claim_id: str
+    record: UsageRecord
+
+
+@dataclass(frozen=True)
 class LedgerStatus:
     """What the admission actor knows of some request ids' usage records. An id in
     neither set is unknown to it (it restarted, losing what it had not written): the
