@@ -335,3 +335,20 @@ def test_a_tenant_shard_reserves_limits_and_leaves_the_spill_seat_to_the_shared_
         assert shared.pools["m"].in_use == 2 and "a2" not in own.claims
 
     _run(main())
+
+
+def test_a_tenant_shard_moves_a_lost_replicas_request_to_a_shared_seat_elsewhere() -> None:
+    """A front-door tenant's replica is lost before the first output: its own shard gives
+    up the seat and, having no shared pool, asks for one elsewhere (the shared shard)."""
+
+    async def main() -> None:
+        own_pool = {"dedicated:acme": PoolSeats("dedicated:acme", "dedicated", 1)}
+        own = AdmissionState(AdmissionConfig({"acme": ACME}, own_pool, shard="acme"))
+        own.replica_heartbeat("dedicated:acme", "d1", 1, actor_id="actor-d1")
+        first = await own.admit(_ask("a1", "acme"))
+        assert first.tier == "dedicated"
+        moved = await own.reseat("a1", "dedicated:acme", "actor-d1")
+        assert moved.seat_elsewhere and (moved.tier, moved.spill, moved.band) == ("shared", True, 0)
+        assert "a1" in own.claims and own.dedicated["acme"].in_use == 0
+
+    _run(main())
