@@ -76,7 +76,8 @@ def _placed(resource: str | None) -> dict[str, Any]:
 
 
 def _ingress_options(config: TieredConfig) -> dict[str, Any]:
-    return {
+    spread = config.ingress.max_replicas_per_node
+    return ({"max_replicas_per_node": spread} if spread else {}) | {
         "name": INGRESS_DEPLOYMENT,
         "num_replicas": config.ingress.num_replicas,
         "ray_actor_options": _placed(config.ingress.node_type_resource),

@@ -25,6 +25,7 @@ def main(address: str, port: str, model_dir: str, state_url: str, seed: str) -> 
     ray.init(address=address, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": int(port)})
     config = chaos_config(model_dir, state_url, local_roles(seed))
+    config.ingress.max_replicas_per_node = None  # this cluster has one node
     _deploy(build_from_config(config), "tiered", "/", DEPLOY_TIMEOUT_S)
     ray.shutdown()
     return 0

@@ -71,7 +71,8 @@ def chaos_config(model_path: str, state_url: str, roles: Roles) -> TieredConfig:
         ],
         "admin_key_hashes": [hash_key(roles.admin_key)],
         "dispatch": {"queue_deadline_s": 30},
-        "ingress": {"num_replicas": 2},
+        # One per node: a node's removal must leave an ingress replica serving.
+        "ingress": {"num_replicas": 2, "max_replicas_per_node": 1},
         "state": {"url": state_url, "connect_timeout_s": 3},
     })
 

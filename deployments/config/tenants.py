@@ -211,6 +211,12 @@ class IngressSpec(BaseModel):
         description="Custom resource that pins the shared front door (ingress replicas, "
         "the shared admission shard, the fine-tuning runner) to one node type.",
     )
+    max_replicas_per_node: int | None = Field(
+        None,
+        ge=1,
+        description="At most this many ingress replicas on one node (Serve's option), so "
+        "losing a node cannot take every ingress replica; leave unset on a one-node cluster.",
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024)
     default_max_tokens: int = Field(256, ge=1)
     request_timeout_s: float = Field(120.0, gt=0)
