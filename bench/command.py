@@ -20,6 +20,7 @@ from pathlib import Path
 from rich.console import Console
 
 from bench.scenario import Scenario, ScenarioError, load_scenario, shipped
+from deployments.proxy_mode import DEFAULT_PROXY_MODE, PROXY_MODES
 
 RESULTS = Path("bench/results")
 SLO_METRICS = ("ttft", "tpot", "e2el")
@@ -78,6 +79,8 @@ def _command_line(args: argparse.Namespace) -> str:
         parts += ["--goodput", *args.goodput]
     if args.pinned:
         parts.append("--pinned")
+    if args.proxy != DEFAULT_PROXY_MODE:
+        parts += ["--proxy", args.proxy]
     if args.out:
         parts += ["--out", str(args.out)]
     return shlex.join(parts)
@@ -152,7 +155,9 @@ def run_scenario(
 
 
 def _run(args: argparse.Namespace) -> int:
+    from bench.proxy_target import endpoints_for
     from bench.targets import local_target, url_target
+    from deployments.proxy_mode import use_proxy_mode
 
     console = Console()
     try:
@@ -161,10 +166,14 @@ def _run(args: argparse.Namespace) -> int:
         extra = parse_endpoints(args.endpoint)
         if args.pinned and args.url:
             raise ScenarioError("--pinned applies to the local cluster; it cannot pin --url")
+        if args.proxy != DEFAULT_PROXY_MODE and args.url:
+            raise ScenarioError("--proxy applies to the local cluster, not to --url")
     except ScenarioError as exc:
         console.print(f"[red]{exc}")
         return 2
-    suffix = "-pinned" if args.pinned else ""
+    suffix = ("-pinned" if args.pinned else "") + (
+        "" if args.proxy == DEFAULT_PROXY_MODE else f"-{args.proxy}"
+    )
     out = args.out or RESULTS / f"{Path(str(args.scenario)).stem}{suffix}"
     kwargs = {"console": console, "progress": not args.no_progress, "tokenizer": args.tokenizer,
               "command": _command_line(args)}
@@ -172,8 +181,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.url:
             data = run_scenario(scenario, url_target(args.url, extra), out, slo, **kwargs)
         else:
+            use_proxy_mode(args.proxy)  # before local_target starts Ray
             with local_target(scenario, args.pinned, console) as target:
-                target.endpoints.update(extra)
+                target.endpoints = endpoints_for(args.proxy, target.endpoints) | extra
+                target.settings["proxy"] = args.proxy
                 data = run_scenario(scenario, target, out, slo, **kwargs)
     except (ScenarioError, ValueError) as exc:
         console.print(f"[red]{exc}")
@@ -217,6 +228,8 @@ def register(groups: argparse._SubParsersAction) -> None:
                      help="SLOs for goodput, e.g. ttft:500 tpot:50 (also e2el)")
     run.add_argument("--pinned", action="store_true", help="local cluster: dedicated and "
                      "shared replicas on disjoint cores")
+    run.add_argument("--proxy", choices=PROXY_MODES, default=DEFAULT_PROXY_MODE,
+                     help="local cluster: how HTTP reaches the ingress (deployments/proxy_mode.py)")
     run.add_argument("--tokenizer", help="tokenizer.json dir to size prompts exactly")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
