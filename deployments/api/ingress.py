@@ -378,7 +378,8 @@ class Ingress(FineTuningRoutes):
             await self.admission.finish(claim_id, usage)
 
         served = Served(
-            job, tenant.name, model.base, admission.tier, admission.spill, timer, finish
+            job, tenant.name, model.base, admission.tier, admission.spill, timer, finish,
+            coalesce_s=self.config.ingress.stream_coalesce_ms / 1000,
         )
         return Dispatched(served, handle, ratelimit_headers(admission.limits))
 
