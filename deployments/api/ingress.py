@@ -43,6 +43,7 @@ from deployments.api.limits import (
     refusal_error,
     rejection_reason,
 )
+from deployments.api.load_shedding import LoadShedding, set_shed_deadline
 from deployments.api.prompts import Prompt, ServedModel
 from deployments.api.protocol import OpenAIRequest, parse_request
 from deployments.api.responses import ResponseBuilder
@@ -74,6 +75,7 @@ DRAIN_TIMEOUT_S = 10.0  # a stopping replica waits this long for its usage to be
 
 app = FastAPI(title="Tiered", version="0.1.0", description="OpenAI-compatible multi-tenant API")
 install_error_handlers(app)
+app.add_middleware(LoadShedding, key=app.title)  # outside the body limit, inside the metrics
 app.add_middleware(RequestMetricsMiddleware)
 app.include_router(fine_tuning_router)  # the Files API (FineTuningRoutes, below)
 
@@ -125,6 +127,7 @@ class Ingress(FineTuningRoutes):
             self.config.ingress.max_body_bytes,
             {"/v1/files": max(self.files.upload_body_limit, self.config.ingress.max_body_bytes)},
         )
+        set_shed_deadline(app, self.config.ingress.shed_loop_lag_ms / 1000)
 
     @property
     def keys(self) -> KeyRings:

@@ -186,3 +186,7 @@ class IngressSpec(BaseModel):
         "next ones, to go out in one SSE event (0: one event per engine step); the first "
         "never waits.",
     )
+    shed_loop_lag_ms: float = Field(
+        500.0, ge=0, description="While an ingress replica's event loop runs this much "
+        "late, it answers new requests 503 with Retry-After at once (0: never sheds).",
+    )
