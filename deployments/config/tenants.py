@@ -187,6 +187,6 @@ class IngressSpec(BaseModel):
         "never waits.",
     )
     shed_loop_lag_ms: float = Field(
-        500.0, ge=0, description="While an ingress replica's event loop runs this much "
+        1000.0, ge=0, description="While an ingress replica's event loop runs this much "
         "late, it answers new requests 503 with Retry-After at once (0: never sheds).",
     )
