@@ -66,6 +66,13 @@ def test_each_step_waits_at_most_the_window_and_the_first_not_at_all() -> None:
     assert final_batch[-1][0] == len(gaps) and final_sent - final_batch[-1][1] < SLACK_S
 
 
+def test_a_slow_stream_is_sent_as_it_comes_without_waiting() -> None:
+    window_s = 0.1  # steps 0.15 s apart: nothing to gather, so nothing may wait
+    batches = _run([0.15] * 4, window_s)
+    assert [[i for i, _ in b] for b, _ in batches] == [[0], [1], [2], [3], [4]]
+    assert all(sent - batch[0][1] < window_s / 2 for batch, sent in batches)
+
+
 def test_a_zero_window_sends_every_step_alone() -> None:
     batches = _run([0.002] * 5, 0.0)
     assert [[i for i, _ in b] for b, _ in batches] == [[0], [1], [2], [3], [4], [5]]
