@@ -32,8 +32,12 @@ def _config(model_dir: Path) -> TieredConfig:
     return TieredConfig.model_validate(
         {
             "models": [
-                {"name": MODEL, "path": str(model_dir), "engine": engine,
-                 "shared_pool": {"num_replicas": 1}},
+                {
+                    "name": MODEL,
+                    "path": str(model_dir),
+                    "engine": engine,
+                    "shared_pool": {"num_replicas": 1},
+                },
             ],
             "tenants": [{"name": "hygiene", "api_key_hashes": [hash_key(KEY)]}],
             "ingress": {
@@ -59,18 +63,23 @@ def _client(base_url: str) -> openai.OpenAI:
 
 def test_coalesced_stream_has_fewer_events_and_the_same_text(base_url: str) -> None:
     c = _client(base_url)
-    args = {"model": MODEL, "messages": [{"role": "user", "content": "Count"}],
-            "max_tokens": 32, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    args = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Count"}],
+        "max_tokens": 32,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+    }
     whole = c.chat.completions.create(**args)
-    t0 = time.monotonic()
-    chunks, arrivals = [], []
-    for chunk in c.chat.completions.create(**args, stream=True,
-                                           stream_options={"include_usage": True}):
+    chunks = []
+    for chunk in c.chat.completions.create(
+        **args, stream=True, stream_options={"include_usage": True}
+    ):
         chunks.append(chunk)
-        arrivals.append(time.monotonic() - t0)
     content = [ch for ch in chunks if ch.choices and ch.choices[0].delta.content]
-    assert "".join(ch.choices[0].delta.content for ch in content) == \
-        whole.choices[0].message.content
+    assert (
+        "".join(ch.choices[0].delta.content for ch in content) == whole.choices[0].message.content
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].usage.completion_tokens == 32 and chunks[-2].choices[0].finish_reason
     assert len(content) < 32  # 32 steps of a few ms each, in fewer events
@@ -82,14 +91,19 @@ def test_coalesced_stream_has_fewer_events_and_the_same_text(base_url: str) -> N
 
 def test_a_lagging_ingress_sheds_with_503_and_retry_after(base_url: str) -> None:
     c = _client(base_url)
-    c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "warm"}],
-                              max_tokens=1)  # the lag monitor starts with a request
+    c.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "warm"}], max_tokens=1
+    )  # the lag monitor starts with a request
     big: list[int] = []
 
     def send_big() -> None:
         body = {"model": MODEL, "prompt": BIG_PROMPT, "max_tokens": 1}
-        resp = httpx.post(f"{base_url}/completions", json=body, timeout=60,
-                          headers={"Authorization": f"Bearer {KEY}"})
+        resp = httpx.post(
+            f"{base_url}/completions",
+            json=body,
+            timeout=60,
+            headers={"Authorization": f"Bearer {KEY}"},
+        )
         big.append(resp.status_code)
 
     thread = threading.Thread(target=send_big)
