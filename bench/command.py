@@ -79,7 +79,7 @@ def _command_line(args: argparse.Namespace) -> str:
         parts += ["--goodput", *args.goodput]
     if args.pinned:
         parts.append("--pinned")
-    if args.proxy != DEFAULT_PROXY_MODE:
+    if args.proxy:
         parts += ["--proxy", args.proxy]
     if args.out:
         parts += ["--out", str(args.out)]
@@ -166,13 +166,14 @@ def _run(args: argparse.Namespace) -> int:
         extra = parse_endpoints(args.endpoint)
         if args.pinned and args.url:
             raise ScenarioError("--pinned applies to the local cluster; it cannot pin --url")
-        if args.proxy != DEFAULT_PROXY_MODE and args.url:
+        if args.proxy and args.url:
             raise ScenarioError("--proxy applies to the local cluster, not to --url")
+        proxy = args.proxy or scenario.target.proxy or DEFAULT_PROXY_MODE
     except ScenarioError as exc:
         console.print(f"[red]{exc}")
         return 2
     suffix = ("-pinned" if args.pinned else "") + (
-        "" if args.proxy == DEFAULT_PROXY_MODE else f"-{args.proxy}"
+        "" if proxy == DEFAULT_PROXY_MODE else f"-{proxy}"
     )
     out = args.out or RESULTS / f"{Path(str(args.scenario)).stem}{suffix}"
     kwargs = {"console": console, "progress": not args.no_progress, "tokenizer": args.tokenizer,
@@ -181,10 +182,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.url:
             data = run_scenario(scenario, url_target(args.url, extra), out, slo, **kwargs)
         else:
-            use_proxy_mode(args.proxy)  # before local_target starts Ray
+            use_proxy_mode(proxy)  # before local_target starts Ray
             with local_target(scenario, args.pinned, console) as target:
-                target.endpoints = endpoints_for(args.proxy, target.endpoints) | extra
-                target.settings["proxy"] = args.proxy
+                target.endpoints = endpoints_for(proxy, target.endpoints) | extra
+                target.settings["proxy"] = proxy
                 data = run_scenario(scenario, target, out, slo, **kwargs)
     except (ScenarioError, ValueError) as exc:
         console.print(f"[red]{exc}")
@@ -228,8 +229,9 @@ def register(groups: argparse._SubParsersAction) -> None:
                      help="SLOs for goodput, e.g. ttft:500 tpot:50 (also e2el)")
     run.add_argument("--pinned", action="store_true", help="local cluster: dedicated and "
                      "shared replicas on disjoint cores")
-    run.add_argument("--proxy", choices=PROXY_MODES, default=DEFAULT_PROXY_MODE,
-                     help="local cluster: how HTTP reaches the ingress (deployments/proxy_mode.py)")
+    run.add_argument("--proxy", choices=PROXY_MODES, default=None,
+                     help="local cluster: how HTTP reaches the ingress (deployments/proxy_mode.py;"
+                     f" default: the scenario's target.proxy, else {DEFAULT_PROXY_MODE})")
     run.add_argument("--tokenizer", help="tokenizer.json dir to size prompts exactly")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
