@@ -12,7 +12,9 @@ one (README, "Proxy modes").
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable
@@ -79,6 +81,7 @@ def use_proxy_mode(mode: ProxyMode) -> dict[str, str]:
     scratch = Path()
     if mode == "haproxy":
         scratch = Path(tempfile.mkdtemp(prefix="thp-", dir="/tmp"))
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)  # after Ray has stopped
     env = proxy_env(mode, scratch)
     os.environ.update(env)
     return env
