@@ -16,10 +16,15 @@ import os
 import platform
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from bench.scenario import Scenario, ScenarioError, load_scenario, shipped
+
+if TYPE_CHECKING:
+    from bench.targets import Target
+from deployments.proxy_mode import DEFAULT_PROXY_MODE, PROXY_MODES
 
 RESULTS = Path("bench/results")
 SLO_METRICS = ("ttft", "tpot", "e2el")
@@ -78,6 +83,8 @@ def _command_line(args: argparse.Namespace) -> str:
         parts += ["--goodput", *args.goodput]
     if args.pinned:
         parts.append("--pinned")
+    if args.proxy:
+        parts += ["--proxy", args.proxy]
     if args.out:
         parts += ["--out", str(args.out)]
     return shlex.join(parts)
@@ -85,7 +92,7 @@ def _command_line(args: argparse.Namespace) -> str:
 
 def run_scenario(
     scenario: Scenario,
-    target,  # type: ignore[no-untyped-def]
+    target: Target,
     out: Path,
     slo_ms: dict[str, float],
     *,
@@ -159,7 +166,9 @@ def run_scenario(
 
 
 def _run(args: argparse.Namespace) -> int:
+    from bench.proxy_target import endpoints_for
     from bench.targets import local_target, url_target
+    from deployments.proxy_mode import use_proxy_mode
 
     console = Console()
     try:
@@ -168,10 +177,15 @@ def _run(args: argparse.Namespace) -> int:
         extra = parse_endpoints(args.endpoint)
         if args.pinned and args.url:
             raise ScenarioError("--pinned applies to the local cluster; it cannot pin --url")
+        if args.proxy and args.url:
+            raise ScenarioError("--proxy applies to the local cluster, not to --url")
+        proxy = args.proxy or scenario.target.proxy or DEFAULT_PROXY_MODE
     except ScenarioError as exc:
         console.print(f"[red]{exc}")
         return 2
-    suffix = "-pinned" if args.pinned else ""
+    suffix = ("-pinned" if args.pinned else "") + (
+        "" if proxy == DEFAULT_PROXY_MODE else f"-{proxy}"
+    )
     out = args.out or RESULTS / f"{Path(str(args.scenario)).stem}{suffix}"
     kwargs = {"console": console, "progress": not args.no_progress, "tokenizer": args.tokenizer,
               "command": _command_line(args)}
@@ -179,8 +193,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.url:
             data = run_scenario(scenario, url_target(args.url, extra), out, slo, **kwargs)
         else:
+            use_proxy_mode(proxy)  # before local_target starts Ray
             with local_target(scenario, args.pinned, console) as target:
-                target.endpoints.update(extra)
+                target.endpoints = endpoints_for(proxy, target.endpoints) | extra
+                target.settings["proxy"] = proxy
                 data = run_scenario(scenario, target, out, slo, **kwargs)
     except (ScenarioError, ValueError) as exc:
         console.print(f"[red]{exc}")
@@ -224,6 +240,9 @@ def register(groups: argparse._SubParsersAction) -> None:
                      help="SLOs for goodput, e.g. ttft:500 tpot:50 (also e2el)")
     run.add_argument("--pinned", action="store_true", help="local cluster: two Ray nodes on "
                      "disjoint cores (dedicated tenants, shared pool), clients pinned beside")
+    run.add_argument("--proxy", choices=PROXY_MODES, default=None,
+                     help="local cluster: how HTTP reaches the ingress (deployments/proxy_mode.py;"
+                     f" default: the scenario's target.proxy, else {DEFAULT_PROXY_MODE})")
     run.add_argument("--tokenizer", help="tokenizer.json dir to size prompts exactly")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")

@@ -41,6 +41,7 @@ from bench.analysis_spec import (
     SweepAnalysis,
 )
 from deployments.config.files import yaml_problem
+from deployments.proxy_mode import ProxyMode
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 
@@ -200,6 +201,9 @@ class TargetSpec(Strict):
     echo: bool = Field(False, description="Also deploy the plain Serve echo app (P3).")
     watch: list[str] = Field([], description="Deployments whose replica counts are sampled.")
     num_cpus: int = Field(8, ge=1, description="Logical CPUs of the local Ray.")
+    proxy: ProxyMode | None = Field(
+        None, description="HTTP front of the local cluster (--proxy wins; default haproxy)."
+    )
 
 
 class Scenario(Strict):

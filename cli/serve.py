@@ -14,6 +14,7 @@ from rich.table import Table
 
 from deployments.config.models import ConfigError
 from deployments.config.tiered import DEFAULT_CONFIG, TieredConfig, load_config
+from deployments.proxy_mode import DEFAULT_PROXY_MODE, PROXY_MODES, ProxyMode, use_proxy_mode
 from deployments.state.config import StateSpec, redact, resolve_state_spec
 
 # Plaintext of the demo keys whose hashes ship in deployments/config/serve-default.yaml.
@@ -64,7 +65,9 @@ def check_state(config: TieredConfig) -> StateSpec | None:
     return spec
 
 
-def serve_forever(config_path: Path, host: str, port: int, num_cpus: int) -> int:
+def serve_forever(
+    config_path: Path, host: str, port: int, num_cpus: int, proxy: ProxyMode = DEFAULT_PROXY_MODE
+) -> int:
     config = check_config(config_path)
     if config is None:
         return 2
@@ -82,6 +85,7 @@ def serve_forever(config_path: Path, host: str, port: int, num_cpus: int) -> int
     for model in config.models:
         with console.status(f"preparing model {model.name} ({model.path})"):
             resolve_model_path(model.path)
+    use_proxy_mode(proxy)  # read by the Ray processes ray.init starts
     # "local": always a new instance, never a cluster already running on this machine.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
     serve.start(http_options={"host": host, "port": port})
@@ -129,7 +133,13 @@ def register(groups: argparse._SubParsersAction) -> None:
     cmd.add_argument("--host", default="127.0.0.1")
     cmd.add_argument("--port", type=int, default=8000)
     cmd.add_argument("--num-cpus", type=int, default=8, help="logical CPUs for the local Ray")
-    cmd.set_defaults(handler=lambda a: serve_forever(a.config, a.host, a.port, a.num_cpus))
+    cmd.add_argument(
+        "--proxy", choices=PROXY_MODES, default=DEFAULT_PROXY_MODE,
+        help="HTTP front: HAProxy and direct ingress, or Serve's proxy actor (README)",
+    )
+    cmd.set_defaults(
+        handler=lambda a: serve_forever(a.config, a.host, a.port, a.num_cpus, a.proxy)
+    )
 
     keys = groups.add_parser("keys", help="API keys").add_subparsers(
         dest="keys_command", required=True

@@ -166,8 +166,7 @@ def test_async_client_and_prefix_cache(base_url: str) -> None:
             )
         stream = await ac.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "stream"}], max_tokens=3,
-            stream=True, stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True},
+            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
         )
         out.append([chunk async for chunk in stream])
         await ac.close()
@@ -177,10 +176,10 @@ def test_async_client_and_prefix_cache(base_url: str) -> None:
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     assert second.usage.prompt_tokens_details.cached_tokens > 0
     assert second.choices[0].message.content == first.choices[0].message.content
-    # Three tokens, in up to three chunks: deltas coalesce when the reader lags behind.
-    content = [ch for ch in chunks if ch.choices and ch.choices[0].delta.content is not None]
-    assert 1 <= len(content) <= 3
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+    # Three tokens, in one to three events: steps that come within ingress.stream_coalesce_ms
+    # of each other share one (deployments/api/coalesce.py).
+    events = sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.content is not None)
+    assert 1 <= events <= 3 and chunks[-1].usage.completion_tokens == 3
 
 
 def test_sdk_exception_classes(base_url: str) -> None:

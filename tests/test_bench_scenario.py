@@ -62,6 +62,7 @@ def test_minimal_scenario_and_defaults() -> None:
         ({"analysis": [{"kind": "count", "name": "c", "goal": "about 3"}]}, "goal"),
         ({"analysis": [{"kind": "nonsense", "name": "x"}]}, "analysis.0"),
         ({"surprise": 1}, "surprise: Extra inputs are not permitted"),
+        ({"target": {"proxy": "nginx"}}, "target.proxy"),
     ],
 )
 def test_errors_name_the_field(change: dict, message: str) -> None:
@@ -69,6 +70,11 @@ def test_errors_name_the_field(change: dict, message: str) -> None:
         parse_scenario(minimal(**change), Path("s.yaml"))
     assert "s.yaml" in str(err.value)
     assert message in str(err.value)
+
+
+def test_a_scenario_may_name_its_proxy_mode() -> None:
+    assert parse_scenario(minimal(target={"proxy": "serve"})).target.proxy == "serve"
+    assert parse_scenario(minimal()).target.proxy is None  # then --proxy, else haproxy
 
 
 def test_no_load_anywhere_is_an_error() -> None:

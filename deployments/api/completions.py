@@ -11,12 +11,14 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from fastapi.responses import JSONResponse, Response
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.api.claims import ClosingStreamingResponse
+from deployments.api.coalesce import coalesced, merge_deltas
 from deployments.api.errors import OpenAIError, from_engine_error
 from deployments.api.responses import SSE_DONE, ResponseBuilder, sse
 from deployments.api.seating import Seating, SeatLost, replica_lost
@@ -24,7 +26,7 @@ from deployments.config.plan import Tier
 from deployments.observability.requests import RequestTimer
 from deployments.replicas.requests import GenerateRequest, ServedOutput
 from deployments.tenancy.types import UsageRecord, UsageStatus
-from models.outputs import Usage
+from models.outputs import CompletionDelta, Usage
 
 log = logging.getLogger(__name__)
 TIER_HEADER = "x-tiered-service-tier"
@@ -44,6 +46,7 @@ class Served:
     seating: Seating  # the tier admission chose, and where a lost replica's request goes
     timer: RequestTimer
     finish: Finish
+    coalesce_s: float = 0.0  # a streamed step waits this long for the next (coalesce)
     usage: Usage = field(default_factory=Usage)
     closed: bool = False
 
@@ -89,6 +92,16 @@ class Served:
     def take(self, served: ServedOutput) -> None:
         self.timer.output()
         self.usage = served.output.usage
+
+
+def finished(out: ServedOutput) -> bool:
+    return out.output.finished
+
+
+def take_batch(served: Served, batch: list[ServedOutput]) -> list[CompletionDelta]:
+    """Coalesced steps as one: the usage so far, one event for the timer, their deltas."""
+    served.take(batch[-1])
+    return merge_deltas([out.output.deltas for out in batch])
 
 
 def _stream_outputs(served: Served, handle: DeploymentHandle) -> DeploymentResponseGenerator:
@@ -212,21 +225,18 @@ async def _sse(
     started: set[int] = set()
     offsets: dict[int, int] = {}
     status: UsageStatus = "client_disconnect"
-    out = first
+    steps = coalesced(first, outputs, served.coalesce_s, finished)
     try:
-        while True:
-            served.take(out)
-            choices = []
-            for delta in out.output.deltas:
-                first_of_choice = delta.index not in started
-                offset = offsets.get(delta.index, 0)
-                choices.append(builder.chunk_choice(delta, first_of_choice, offset))
-                started.add(delta.index)
-                offsets[delta.index] = offset + len(delta.text)
-            yield builder.chunk(choices, include_usage)
-            if out.output.finished:
-                break
-            out = await outputs.__anext__()
+        async with aclosing(steps) as batches:
+            async for batch in batches:
+                choices = []
+                for delta in take_batch(served, batch):
+                    first_of_choice = delta.index not in started
+                    offset = offsets.get(delta.index, 0)
+                    choices.append(builder.chunk_choice(delta, first_of_choice, offset))
+                    started.add(delta.index)
+                    offsets[delta.index] = offset + len(delta.text)
+                yield builder.chunk(choices, include_usage)
         builder.usage = served.usage
         status = "ok"
         # Finished before the last events go out: a client that has read [DONE] knows

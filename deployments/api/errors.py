@@ -231,15 +231,15 @@ class BodySizeLimit:
             if not self._warned:
                 self._warned = True
                 log.error("no request-body limit for app %r: call set_body_limit", self.key)
-            await _send_error(OpenAIError(500, SERVER_ERROR_MESSAGE), scope, send)
+            await send_error(OpenAIError(500, SERVER_ERROR_MESSAGE), scope, send)
             return
         length = dict(scope.get("headers") or ()).get(b"content-length")
         if length is not None:
             if not length.isdigit():
-                await _send_error(OpenAIError(400, "invalid Content-Length header"), scope, send)
+                await send_error(OpenAIError(400, "invalid Content-Length header"), scope, send)
                 return
             if int(length) > limit:
-                await _send_error(_too_large(limit), scope, send)
+                await send_error(_too_large(limit), scope, send)
                 return
             await self.app(scope, receive, send)
             return
@@ -251,7 +251,7 @@ class BodySizeLimit:
                 break
             size += len(message.get("body", b""))
             if size > limit:
-                await _send_error(_too_large(limit), scope, send)
+                await send_error(_too_large(limit), scope, send)
                 return
             chunks.append(message)
             more = message.get("more_body", False)
@@ -266,7 +266,8 @@ def _too_large(limit: int) -> OpenAIError:
     return OpenAIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
 
 
-async def _send_error(error: OpenAIError, scope: Scope, send: Send) -> None:
+async def send_error(error: OpenAIError, scope: Scope, send: Send) -> None:
+    """Answer `error` from ASGI middleware, before the app has read the body."""
     async def no_body() -> Message:
         return {"type": "http.disconnect"}
 

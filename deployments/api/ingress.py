@@ -42,6 +42,7 @@ from deployments.api.limits import (
     refusal_error,
     rejection_reason,
 )
+from deployments.api.load_shedding import LoadShedding, set_shed_deadline
 from deployments.api.prompts import Prompt, ServedModel
 from deployments.api.protocol import OpenAIRequest, parse_request
 from deployments.api.responses import ResponseBuilder
@@ -74,6 +75,7 @@ DRAIN_TIMEOUT_S = 10.0  # a stopping replica waits this long for its usage to be
 
 app = FastAPI(title="Tiered", version="0.1.0", description="OpenAI-compatible multi-tenant API")
 install_error_handlers(app)
+app.add_middleware(LoadShedding, key=app.title)  # outside the body limit, inside the metrics
 app.add_middleware(RequestMetricsMiddleware)
 app.include_router(fine_tuning_router)  # the Files API (FineTuningRoutes, below)
 app.include_router(stateful_router)  # stored responses and conversations (StatefulRoutes)
@@ -139,6 +141,7 @@ class Ingress(FineTuningRoutes, StatefulRoutes):
             self.config.ingress.max_body_bytes,
             {"/v1/files": max(self.files.upload_body_limit, self.config.ingress.max_body_bytes)},
         )
+        set_shed_deadline(app, self.config.ingress.shed_loop_lag_ms / 1000)
 
     @property
     def keys(self) -> KeyRings:
@@ -310,7 +313,10 @@ class Ingress(FineTuningRoutes, StatefulRoutes):
         async def finish(usage: UsageRecord | None) -> None:
             await self.admission.finish(claim_id, usage)
 
-        served = Served(job, tenant.name, model.base, seating, timer, finish)
+        served = Served(
+            job, tenant.name, model.base, seating, timer, finish,
+            coalesce_s=self.config.ingress.stream_coalesce_ms / 1000,
+        )
         return Dispatched(served, seating.handle, ratelimit_headers(admission.limits))
 
     async def _admit(

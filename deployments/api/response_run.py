@@ -12,17 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from fastapi.responses import JSONResponse, Response
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.api.claims import ClosingStreamingResponse
-from deployments.api.completions import (
-    Served,
-    open_stream,
-    served_headers,
-)
+from deployments.api.coalesce import coalesced
+from deployments.api.completions import Served, finished, open_stream, served_headers
 from deployments.api.errors import OpenAIError, from_engine_error
 from deployments.api.response_objects import ResponseDraft, ResponseEvents, response_object
 from deployments.replicas.requests import ServedOutput
@@ -45,15 +43,16 @@ class ResponseRun:
     replica_id: str | None = None
     finish_reason: str | None = None
 
-    def take(self, out: ServedOutput) -> str:
-        """Fold one step in; the new text."""
-        self.served.take(out)
-        self.replica_id = out.replica_id
+    def take(self, batch: list[ServedOutput]) -> str:
+        """Fold steps in (several when coalesced, deployments.api.coalesce); the new text."""
+        self.served.take(batch[-1])
+        self.replica_id = batch[-1].replica_id
         text = ""
-        for delta in out.output.deltas:
-            text += delta.text
-            self.token_ids.extend(delta.token_ids)
-            self.finish_reason = delta.finish_reason or self.finish_reason
+        for out in batch:
+            for delta in out.output.deltas:
+                text += delta.text
+                self.token_ids.extend(delta.token_ids)
+                self.finish_reason = delta.finish_reason or self.finish_reason
         self.draft.text += text
         usage = self.served.usage
         self.draft.input_tokens = usage.prompt_tokens
@@ -117,7 +116,7 @@ async def respond_response(
     try:
         out = first
         while True:
-            run.take(out)
+            run.take([out])
             if out.output.finished or run.cancelled.is_set():
                 break
             out = await outputs.__anext__()
@@ -148,15 +147,17 @@ async def _events(
     try:
         for frame in events.opening():
             yield frame
-        out = first
-        while True:
-            text = run.take(out)
-            if text:
-                yield events.delta(text)
-            if out.output.finished or run.cancelled.is_set():
-                break
-            out = await outputs.__anext__()
-        run.end(cancelled=not out.output.finished)
+        ended = False
+        steps = coalesced(first, outputs, run.served.coalesce_s, finished)
+        async with aclosing(steps) as batches:
+            async for batch in batches:
+                text = run.take(batch)
+                if text:
+                    yield events.delta(text)
+                ended = finished(batch[-1])
+                if ended or run.cancelled.is_set():
+                    break
+        run.end(cancelled=not ended)
         status = "ok"
         await _save_or_fail(run)
         await run.served.close(status)  # usage with admission before the client reads the end

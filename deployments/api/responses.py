@@ -66,6 +66,7 @@ class ResponseBuilder:
     logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
     finish: dict[int, str] = field(default_factory=dict)
     usage: Usage = field(default_factory=Usage)
+    _chunk_head: str | None = field(default=None, init=False, repr=False)
 
     @property
     def object_name(self) -> str:
@@ -103,10 +104,13 @@ class ResponseBuilder:
         return {"index": delta.index, "text": delta.text, "logprobs": lp, "finish_reason": finish}
 
     def chunk(self, choices: list[dict[str, Any]], include_usage: bool) -> str:
-        payload = {**self._header(chunk=True), "choices": choices}
-        if include_usage:
-            payload["usage"] = None
-        return sse(payload)
+        """The event `sse({**header, "choices": choices, "usage": None})` writes, byte for
+        byte, with the header (the same in every event) encoded once per stream."""
+        if self._chunk_head is None:
+            head = json.dumps(self._header(chunk=True), ensure_ascii=False)
+            self._chunk_head = f'data: {head[:-1]}, "choices": '
+        tail = ', "usage": null}\n\n' if include_usage else "}\n\n"
+        return self._chunk_head + json.dumps(choices, ensure_ascii=False) + tail
 
     def usage_chunk(self) -> str:
         return sse({**self._header(chunk=True), "choices": [], "usage": usage_json(self.usage)})

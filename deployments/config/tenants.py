@@ -220,3 +220,12 @@ class IngressSpec(BaseModel):
     max_body_bytes: int = Field(1_048_576, ge=1024)
     default_max_tokens: int = Field(256, ge=1)
     request_timeout_s: float = Field(120.0, gt=0)
+    stream_coalesce_ms: float = Field(
+        2.0, ge=0, le=100, description="A streamed token waits at most this long for the "
+        "next ones, to go out in one SSE event (0: one event per engine step); the first "
+        "never waits.",
+    )
+    shed_loop_lag_ms: float = Field(
+        1000.0, ge=0, description="While an ingress replica's event loop runs this much "
+        "late, it answers new requests 503 with Retry-After at once (0: never sheds).",
+    )
