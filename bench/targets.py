@@ -9,6 +9,7 @@ cores.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -141,7 +142,9 @@ def local_target(scenario: Scenario, pinned: bool, console: Console) -> Iterator
     from models.default_model import resolve_model_path
 
     config, path = tiered_config(scenario)
-    dedicated = place_on_two_nodes(config) if pinned else []
+    dedicated = (
+        place_on_two_nodes(config) if pinned else [t.name for t in config.tenants if t.dedicated]
+    )
     config = type(config).model_validate(config.model_dump())
     model = config.model(scenario.model)
     assert model is not None  # tiered_config checked it
@@ -156,6 +159,10 @@ def local_target(scenario: Scenario, pinned: bool, console: Console) -> Iterator
             ray.init(address=cluster.address, log_to_driver=False)
             groups = client_groups(scenario, dedicated, cpus)
         else:
+            # The same client processes, on every core: one tenant's load generator
+            # never measures another's (a flood's clients would slow a probe's loop).
+            every = sorted(os.sched_getaffinity(0))
+            groups = client_groups(scenario, dedicated, (every, every))
             with console.status(f"starting a local Ray cluster with {path.name}"):
                 ray.init(
                     address="local",  # a fresh instance, never a cluster running here
