@@ -94,11 +94,13 @@ def test_training_yields_to_a_replica_that_needs_its_capacity_then_resumes(root:
     line = {"messages": [{"role": "user", "content": "Q?"},
                          {"role": "assistant", "content": REPLY}]}  # fmt: skip
     file_id = c.files.create(
-        file=("t.jsonl", (json.dumps(line) + "\n").encode() * 16), purpose="fine-tune"
+        file=("t.jsonl", (json.dumps(line) + "\n").encode() * 64), purpose="fine-tune"
     ).id
     job = c.fine_tuning.jobs.create(
         model="tiny-llama", training_file=file_id,
-        hyperparameters={"n_epochs": 50, "batch_size": 1},  # 800 steps: cancelled once resumed
+        # 3200 steps: still running when cancelled after the resume, even on an idle box
+        # (800 steps were done by then once, in a clean CI run).
+        hyperparameters={"n_epochs": 50, "batch_size": 1},
     )  # fmt: skip
 
     def messages() -> list[str]:
