@@ -15,9 +15,9 @@ from contextlib import aclosing
 
 import pytest
 
-from deployments.api.coalesce import coalesced, merge_deltas
+from deployments.api.coalesce import coalesced
 from deployments.api.responses import ResponseBuilder, sse
-from models.outputs import CompletionDelta, TokenLogprob
+from models.outputs import CompletionDelta, RequestOutput, TokenLogprob, Usage, merge_outputs
 
 WINDOW_S = 0.03
 SLACK_S = 0.05  # the box's scheduling noise, well under the gaps that tell them apart
@@ -121,7 +121,8 @@ def test_merged_deltas_keep_the_text_ids_logprobs_and_finish() -> None:
             CompletionDelta(0, " é", [3], [_lp(" é")]),
         ],
     ]
-    merged = merge_deltas(steps)
+    # The engine's own merge (models.outputs), which take_batch uses for coalesced steps.
+    merged = merge_outputs([RequestOutput("r", d, False, Usage()) for d in steps]).deltas
     assert [(d.index, d.text, d.token_ids, d.finish_reason) for d in merged] == [
         (0, "Hello é", [1, 2, 3], None),
         (1, "AB", [7, 8], "stop"),

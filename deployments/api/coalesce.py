@@ -11,11 +11,8 @@ stream's outputs go out one by one as they come, and a finished output ends its 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from dataclasses import replace
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TypeVar
-
-from models.outputs import CompletionDelta
 
 T = TypeVar("T")
 
@@ -61,25 +58,3 @@ async def coalesced(
     finally:
         if pending is not None:
             pending.cancel()
-
-
-def merge_deltas(steps: Sequence[Sequence[CompletionDelta]]) -> list[CompletionDelta]:
-    """Several steps' deltas as one per sample, in order of first appearance: the text,
-    token ids and logprobs concatenated, the last finish reason."""
-    merged: dict[int, CompletionDelta] = {}
-    for deltas in steps:
-        for delta in deltas:
-            seen = merged.get(delta.index)
-            if seen is None:
-                merged[delta.index] = replace(
-                    delta,
-                    token_ids=list(delta.token_ids),
-                    logprobs=None if delta.logprobs is None else list(delta.logprobs),
-                )
-                continue
-            seen.text += delta.text
-            seen.token_ids.extend(delta.token_ids)
-            if delta.logprobs is not None:
-                seen.logprobs = (seen.logprobs or []) + delta.logprobs
-            seen.finish_reason = delta.finish_reason or seen.finish_reason
-    return list(merged.values())

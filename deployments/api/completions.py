@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.api.claims import ClosingStreamingResponse
-from deployments.api.coalesce import coalesced, merge_deltas
+from deployments.api.coalesce import coalesced
 from deployments.api.errors import OpenAIError, from_engine_error
 from deployments.api.responses import SSE_DONE, ResponseBuilder, sse
 from deployments.api.seating import Seating, SeatLost, replica_lost
@@ -26,7 +26,7 @@ from deployments.config.plan import Tier
 from deployments.observability.requests import RequestTimer
 from deployments.replicas.requests import GenerateRequest, ServedOutput
 from deployments.tenancy.types import UsageRecord, UsageStatus
-from models.outputs import CompletionDelta, Usage
+from models.outputs import CompletionDelta, Usage, merge_outputs
 
 log = logging.getLogger(__name__)
 TIER_HEADER = "x-tiered-service-tier"
@@ -101,7 +101,7 @@ def finished(out: ServedOutput) -> bool:
 def take_batch(served: Served, batch: list[ServedOutput]) -> list[CompletionDelta]:
     """Coalesced steps as one: the usage so far, one event for the timer, their deltas."""
     served.take(batch[-1])
-    return merge_deltas([out.output.deltas for out in batch])
+    return merge_outputs([out.output for out in batch]).deltas
 
 
 def _stream_outputs(served: Served, handle: DeploymentHandle) -> DeploymentResponseGenerator:
