@@ -133,7 +133,7 @@ class Tokenizer:
         return cls(tok, config, eos)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = _encode(self._tok, text, add_special_tokens).ids
         bos = self.bos_token_id
         if add_special_tokens and self.add_bos_token and bos is not None and ids[:1] != [bos]:
             ids = [bos, *ids]
@@ -213,7 +213,7 @@ class Tokenizer:
         refused (400) rather than guessed at.
         """
         rendered = self.apply_chat_template(messages, add_generation_prompt)
-        ids = self._tok.encode(rendered, add_special_tokens=False)
+        ids = _encode(self._tok, rendered, False)
         if self._control_re is None and not sampled:
             return ids.ids
         contents = [m.get("content") for m in messages]
@@ -320,7 +320,7 @@ class Tokenizer:
             if before_lstrip_token:  # it eats the spaces before it
                 text = text.rstrip()
             if text:
-                ids.extend(self._plain.encode(text, add_special_tokens=False).ids)
+                ids.extend(_encode(self._plain, text, False).ids)
 
         for text, owner in pieces:
             if owner is not None and owner in sampled:
@@ -345,3 +345,9 @@ class Tokenizer:
                 strip_next = token.rstrip
         flush(before_lstrip_token=False)
         return ids
+
+
+def _encode(tok: HFTokenizer, text: str, add_special_tokens: bool) -> Encoding:
+    """`tok.encode`, as a batch of one: the batch call lets go of the GIL while it runs,
+    so a long prompt tokenized on a worker thread does not stall the ingress's loop."""
+    return tok.encode_batch([text], add_special_tokens=add_special_tokens)[0]

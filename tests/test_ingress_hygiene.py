@@ -1,9 +1,9 @@
 """The ingress's streaming and shedding on a real Serve app, with the openai SDK.
 
 One ingress replica, a coalescing window wide enough that the tiny model's steps (a few
-ms each) are gathered, and a small shedding deadline. The lag is induced the way a flood
-would: a prompt of ~900 KB whose tokenization holds the ingress's event loop for most
-of a second (then refused as too long for the context, 400).
+ms each) are gathered, and a small shedding deadline that a long prompt's tokenization
+would trip if it ran on the event loop. How shedding answers a lagging loop is pinned
+in tests/test_load_shedding.py, on a route that blocks the loop on purpose.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from deployments.tenancy.keys import hash_key
 KEY = "tk-test-hygiene"
 MODEL = "tiny-llama"
 WINDOW_MS = 60
+SHED_MS = 300  # well under the big prompt's tokenization time, well over timer noise
 BIG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 20000  # ~900 KB
 
 
@@ -43,7 +44,7 @@ def _config(model_dir: Path) -> TieredConfig:
             "ingress": {
                 "num_replicas": 1,
                 "stream_coalesce_ms": WINDOW_MS,
-                "shed_loop_lag_ms": 100,
+                "shed_loop_lag_ms": SHED_MS,
             },
         }
     )
@@ -89,7 +90,11 @@ def test_coalesced_stream_has_fewer_events_and_the_same_text(base_url: str) -> N
     assert streamed == c.completions.create(**prompt).choices[0].text
 
 
-def test_a_lagging_ingress_sheds_with_503_and_retry_after(base_url: str) -> None:
+def test_a_long_prompt_does_not_stall_the_ingress_for_others(base_url: str) -> None:
+    """A ~900 KB prompt takes most of a second to tokenize. Tokenized on the ingress's
+    event loop, it held every other request on that replica and tripped the shedding
+    deadline: the others got 503 for a second (CI saw exactly this). Tokenized on a
+    worker thread, with the GIL let go, the small requests beside it are all served."""
     c = _client(base_url)
     c.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "warm"}], max_tokens=1
@@ -107,24 +112,14 @@ def test_a_lagging_ingress_sheds_with_503_and_retry_after(base_url: str) -> None
         big.append(resp.status_code)
 
     thread = threading.Thread(target=send_big)
-    thread.start()
     small = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
-    shed = None
-    deadline = time.monotonic() + 20
+    statuses: list[int] = []
     with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {KEY}"}) as http:
-        while shed is None and time.monotonic() < deadline:
+        thread.start()
+        while thread.is_alive() or len(statuses) < 5:
             resp = http.post(f"{base_url}/chat/completions", json=small)
-            if resp.status_code == 503:
-                shed = resp
-            else:
-                assert resp.status_code == 200, resp.text
-                time.sleep(0.02)
+            statuses.append(resp.status_code)
+            assert resp.status_code == 200, (len(statuses), resp.status_code, resp.text)
+            time.sleep(0.02)
     thread.join(60)
     assert big == [400]  # the big prompt itself: too long for the context
-    assert shed is not None, "no request was shed while the ingress's loop lagged"
-    assert shed.headers["retry-after"] == "1"
-    assert shed.json()["error"]["code"] == "server_overloaded"
-    assert shed.json()["error"]["type"] == "service_unavailable"
-    time.sleep(1.5)  # past the hold, the loop on time: served again
-    again = c.chat.completions.create(**small)
-    assert again.choices[0].message.content is not None

@@ -1,8 +1,9 @@
 """Load shedding (deployments.api.load_shedding) on a real FastAPI app through httpx.
 
-The lag is real: a route that blocks the event loop, as a large prompt's tokenization
-does. tests/test_ingress_hygiene.py shows the same on a real ingress under Serve; this
-module pins the rules (what is shed, for how long, with which answer) without Ray.
+The lag is real: a route that blocks the event loop, as a flood's per-request work would
+(a long prompt's tokenization no longer does: it runs off the loop, which
+tests/test_ingress_hygiene.py shows on a real ingress). This module pins the rules (what
+is shed, for how long, with which answer) without Ray.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ the request ends. A `model` naming a LoRA adapter resolves through the registry
 
 # No `from __future__ import annotations` here: serve.ingress re-creates the route methods
 # elsewhere, where FastAPI could not resolve string annotations such as `Request`.
+import asyncio
 import time
 import uuid
 from functools import partial
@@ -246,7 +247,9 @@ class Ingress(FineTuningRoutes, StatefulRoutes):
             )
         req = parse_request("chat" if kind == "chat" else "completion", parsed)
         model = await self._model(request, tenant, req.model, timer)
-        prompt = model.prompt(req, self.config.ingress.default_max_tokens)
+        # Off the loop: a long prompt takes a while to tokenize (Tokenizer lets go of
+        # the GIL), and the loop serves everyone else's requests and streams meanwhile.
+        prompt = await asyncio.to_thread(model.prompt, req, self.config.ingress.default_max_tokens)
         claim_id = uuid.uuid4().hex
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         served, handle, headers = await self._dispatch(

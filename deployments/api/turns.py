@@ -8,6 +8,7 @@ then the saved row and conversation items before the last event reaches the clie
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -61,7 +62,8 @@ class TurnService:
             turn = await load_turn(req, tenant.name, self.responses, self.conversations, now)
         except StateError:
             raise state_unavailable() from None
-        prompt = model.turn_prompt(
+        prompt = await asyncio.to_thread(  # off the loop, as in Ingress._serve
+            model.turn_prompt,
             turn.messages, turn.sampled, req.max_output_tokens, req.sampling(),
             self.config.ingress.default_max_tokens,
         )
