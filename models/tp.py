@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as dist
@@ -42,10 +43,22 @@ def single_process(device: str | torch.device = "cpu") -> ParallelContext:
     return ParallelContext(rank=0, world_size=1, device=torch.device(device))
 
 
+RENDEZVOUS_TIMEOUT_S = 300.0
+
+
 def init_parallel(
-    rank: int, world_size: int, init_method: str, device: str, timeout_s: float = 120.0
+    rank: int,
+    world_size: int,
+    init_method: str,
+    device: str,
+    timeout_s: float = 120.0,
+    rendezvous_timeout_s: float = RENDEZVOUS_TIMEOUT_S,
 ) -> ParallelContext:
-    """Join the TP group; the backend follows the device so callers never choose it."""
+    """Join the TP group; the backend follows the device so callers never choose it.
+
+    `timeout_s` bounds each collective; the rendezvous at `init_method` (tcp://host:port
+    on rank 0's node) waits `rendezvous_timeout_s` for the other ranks, since starting a
+    rank (a new process, maybe on another node) can take longer than a collective may."""
     if world_size == 1:
         return single_process(device)
     torch_device = torch.device(device)
@@ -56,9 +69,19 @@ def init_parallel(
     backend = "nccl" if torch_device.type == "cuda" else "gloo"
     if dist.is_initialized():
         dist.destroy_process_group()
+    address = urlsplit(init_method)
+    if address.scheme != "tcp" or address.hostname is None or address.port is None:
+        raise ValueError(f"init_method must be tcp://host:port, got {init_method!r}")
+    store = dist.TCPStore(
+        address.hostname,
+        address.port,
+        world_size,
+        is_master=rank == 0,
+        timeout=datetime.timedelta(seconds=rendezvous_timeout_s),
+    )
     dist.init_process_group(
         backend=backend,
-        init_method=init_method,
+        store=store,
         rank=rank,
         world_size=world_size,
         timeout=datetime.timedelta(seconds=timeout_s),

@@ -19,11 +19,14 @@ from tests.ports import free_port
 def prometheus(
     targets: list[str], workdir: Path, rule_files: list[Path] | None = None
 ) -> Iterator[str]:
-    """Scrape `targets` (host:port) every second; yields the base URL once ready."""
+    """Scrape `targets` (host:port) every 3 s; yields the base URL once ready.
+
+    Prometheus caps a scrape's timeout at its interval; a 1 s interval failed every
+    scrape of a Ray metrics agent slowed by a busy 2-core box, so no series ever landed."""
     binary = shutil.which("prometheus")
     assert binary, "prometheus is missing: .ci/run installs Debian's prometheus package"
     config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "global": {"scrape_interval": "3s", "scrape_timeout": "3s", "evaluation_interval": "1s"},
         "rule_files": [str(p) for p in rule_files or []],
         "scrape_configs": [{"job_name": "ray", "static_configs": [{"targets": targets}]}],
     }
@@ -69,3 +72,9 @@ def query(url: str, promql: str) -> list[dict]:
     body = response.json()
     assert body.get("status") == "success", f"{promql}: {body}"
     return body["data"]["result"]
+
+
+def scrape_errors(url: str) -> list[str]:
+    """Each target's last scrape error, for a failing test's message."""
+    targets = httpx.get(f"{url}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+    return [f"{t['scrapeUrl']}: {t['health']} {t['lastError']}" for t in targets]

@@ -338,7 +338,7 @@ def test_every_dashboard_panel_has_data_in_a_real_prometheus(traffic: dict, tmp_
     """Prometheus scrapes both nodes' metrics agents; each panel query of each dashboard,
     with its variables at their defaults, returns data, and the rules load and evaluate."""
     from deployments.observability.dashboards import panel_queries, substitute
-    from tests.prometheus_server import prometheus, query
+    from tests.prometheus_server import prometheus, query, scrape_errors
 
     wait_for_all_series(traffic["ports"])
     targets = [f"127.0.0.1:{p}" for p in traffic["ports"]]
@@ -358,7 +358,7 @@ def test_every_dashboard_panel_has_data_in_a_real_prometheus(traffic: dict, tmp_
             if not empty:
                 break
             time.sleep(2)
-        assert not empty, "panels without data:\n" + "\n".join(empty)
+        assert not empty, "panels without data:\n" + "\n".join(empty + scrape_errors(url))
         recorded = ("tiered:spend_per_hour:pool", "tiered:cost_per_million_tokens:tier")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -66,3 +66,39 @@ def test_tp2_matches_tp1_and_shards_weights(tmp_path: Path, tie: bool) -> None:
     replicated = 64 * (1 + 2 * 2)  # final norm + two norms per layer
     assert numel0 == numel1
     assert numel0 - replicated <= (full_numel - replicated) // 2 + 64
+
+
+def _late_rank_main(rank: int, port: int, results: dict) -> None:
+    """Rank 1 dials in later than the collective timeout; then rank 0 waits alone in a
+    collective, which must still fail after that (short) timeout."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    if rank == 1:
+        time.sleep(3.0)
+    ctx = init_parallel(rank, 2, f"tcp://127.0.0.1:{port}", "cpu", timeout_s=1.0)
+    total = torch.ones(1)
+    dist.all_reduce(total, group=ctx.group)
+    if rank == 0:
+        started = time.monotonic()
+        try:
+            dist.broadcast(torch.zeros(1), src=1, group=ctx.group)
+        except RuntimeError:
+            results["alone_failed_after_s"] = time.monotonic() - started
+        results["sum"] = total.item()
+    else:
+        time.sleep(4.0)  # rank 0's broadcast gets no partner until it has timed out
+
+
+def test_a_rank_that_starts_late_still_joins_and_collectives_keep_their_timeout() -> None:
+    """Starting a rank (a new process, maybe on another node) can take longer than one
+    collective may wait; the rendezvous has its own deadline."""
+    manager = mp.get_context("spawn").Manager()
+    results = manager.dict()
+    mp.start_processes(
+        _late_rank_main, args=(free_port(), results), nprocs=2, start_method="spawn"
+    )
+    assert results["sum"] == 2.0
+    assert 0.5 <= results["alone_failed_after_s"] <= 3.5
