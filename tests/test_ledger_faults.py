@@ -5,7 +5,8 @@ the request id, so a replay cannot count twice; the totals show nothing else did
 
 - the admission actor killed (`ray.kill`; Ray restarts it) while it holds records not yet
   written: the ingresses send them again;
-- an ingress replica killed: what it finished is already with admission;
+- an ingress replica killed: what it finished is already with admission, and the
+  streams it was reading stop in the engine at once (no one is left to receive them);
 - the database stopped for 10 s: admission keeps serving and queues, then commits.
 
 (`serve shutdown` then `tiered serve` again: tests/test_serve_restart.py.)
@@ -13,6 +14,7 @@ the request id, so a replay cannot count twice; the totals show nothing else did
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ import pytest
 import ray
 from ray import serve
 
+from bench.chaos.observe import engine_load
 from deployments.app import build_from_config
 from deployments.config.plan import ADMISSION_NAMESPACE, INGRESS_DEPLOYMENT, admission_actor_name
 from deployments.config.tiered import TieredConfig
@@ -113,6 +116,36 @@ def test_an_ingress_replica_killed_under_load(app: tuple[str, str]) -> None:
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
         load.wait_for(10, timeout_s=90)
     _check(root, url, "ingress", load)
+
+
+def test_a_killed_ingress_stops_its_streams_in_the_engine(app: tuple[str, str]) -> None:
+    """Ray does not stop a replica's stream when the actor reading it dies: before the
+    model server watched its callers, a crashed ingress's streams ran on to max_tokens in
+    the engine for no one, holding KV blocks and billed (as orphans) in full."""
+    root, _ = app
+    replica_ids = _ingress_replica_ids(root)  # both up, the one killed above replaced
+    body = {"model": MODEL, "prompt": "once upon a time", "max_tokens": 1900,
+            "ignore_eos": True, "stream": True}
+    headers = {"Authorization": f"Bearer {KEYS['probe']}"}
+    with httpx.stream("POST", f"{root}/v1/completions", json=body, headers=headers,
+                      timeout=30) as resp:
+        assert resp.status_code == 200, resp.read()
+        ingress = resp.headers["x-tiered-ingress"]
+        assert ingress in replica_ids
+        lines = resp.iter_lines()
+        for _ in range(3):  # a few tokens in: the request runs in the engine
+            next(line for line in lines if line.startswith("data:"))
+        assert engine_load(APP)[1] == 1
+        name = f"SERVE_REPLICA::{APP}#{INGRESS_DEPLOYMENT}#{ingress}"
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+        killed = time.monotonic()
+        with contextlib.suppress(httpx.RemoteProtocolError):  # the proxy cuts it
+            for _ in lines:
+                pass
+    while engine_load(APP)[1]:
+        assert time.monotonic() - killed < 3.0, "the dead ingress's stream is still running"
+        time.sleep(0.05)
+    print(f"\nengine idle {time.monotonic() - killed:.2f} s after the ingress was killed")
 
 
 def _ingress_replica_ids(root: str, timeout_s: float = 30) -> list[str]:

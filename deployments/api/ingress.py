@@ -111,6 +111,7 @@ class Ingress(FineTuningRoutes, StatefulRoutes):
         # Tokenizers from the replicas (or a named artifact): never the checkpoint here.
         self.models = await load_served_models(self.config, handles)
         self.owner = context.replica_id.unique_id
+        self.actor_name = context.replica_id.to_full_id_str()  # model servers watch it
         now = time.time()
         shards = [door] if door is not None else admission_shards(self.config)
         self.admission = ShardedAdmission(
@@ -311,6 +312,7 @@ class Ingress(FineTuningRoutes, StatefulRoutes):
             affinity_replica=affinity_replica,
             retain=request_id.startswith(RESPONSE_ID_PREFIX),
             lora=model.lora,
+            caller=self.actor_name,
         ))
 
         async def finish(usage: UsageRecord | None) -> None:

@@ -44,6 +44,7 @@ from deployments.config.plan import ADMISSION_NAMESPACE, admission_actor_name
 from deployments.config.resources import replica_bundles
 from deployments.observability.replicas import ReplicaExporter
 from deployments.replicas.affinity_router import adapter_stat, affinity_router_config
+from deployments.replicas.caller_watch import CallerWatch
 from deployments.replicas.placement import replica_actor_options, worker_actor_options
 from deployments.replicas.requests import GenerateRequest, ServedOutput
 from deployments.replicas.tp_worker import TPWorker, rendezvous_address
@@ -86,6 +87,7 @@ class ModelServer:
         self._admission: ActorHandle | None = None
         self._queue_signals: dict[str, float] = {}
         self.usage_backup = UsageBackup()
+        self.callers = CallerWatch()
         self.actor_id = ray.get_runtime_context().get_actor_id() or ""
         self.actor = ray.get_runtime_context().current_actor  # admission pings it
         self._retiring = False
@@ -172,21 +174,23 @@ class ModelServer:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[ServedOutput]:
         """Stream the engine's outputs for one admitted request; however it ends, what it
         produced goes to admission with the next heartbeat (billed only if the ingress
-        that asked died before finishing the request)."""
+        that asked died before finishing the request). The stream stops, as for a client
+        that left, if that ingress dies (CallerWatch)."""
         last: RequestOutput | None = None
         status: UsageStatus = "client_disconnect"
         try:
-            async for out in self.engine.generate(
-                request.request_id,
-                request.prompt,
-                request.params,
-                priority=request.priority,
-                cache_salt=request.cache_salt,
-                retain=request.retain,
-                lora=request.lora,
-            ):
-                last = out
-                yield ServedOutput(out, self.replica_id)
+            with self.callers.watching(request.caller):
+                async for out in self.engine.generate(
+                    request.request_id,
+                    request.prompt,
+                    request.params,
+                    priority=request.priority,
+                    cache_salt=request.cache_salt,
+                    retain=request.retain,
+                    lora=request.lora,
+                ):
+                    last = out
+                    yield ServedOutput(out, self.replica_id)
             status = "ok"
         except EngineDeadError:
             status = "error"

@@ -33,6 +33,9 @@ class GenerateRequest:
     # what it produced and reports it to admission, which bills it only if the ingress
     # died before finishing the request (deployments.tenancy.types.ServedUsage).
     billing: ServedUsage | None = None
+    # The ingress replica's actor name: if it dies mid-stream, the model server stops
+    # the stream (deployments/replicas/caller_watch.py).
+    caller: str | None = None
 
 
 @dataclass
