@@ -79,9 +79,7 @@ class CallerWatch:
                 handle = await asyncio.to_thread(ray.get_actor, caller, SERVE_NAMESPACE)
                 self._handles[caller] = handle
             await asyncio.wait_for(handle.__ray_ready__.remote(), PING_TIMEOUT_S)
-        except ValueError:  # its name is gone: the actor is dead
-            return True
-        except ActorDiedError:
+        except (ValueError, ActorDiedError):  # its name is gone, or Ray says it died
             return True
         except (ActorUnavailableError, TimeoutError):  # unreachable for now, or busy
             return False
