@@ -195,7 +195,9 @@ def _billing(r: FaultReport) -> None:
 
 def _billing_backed_up(r: FaultReport) -> None:
     """A dead ingress's streams are billed from the model servers' counts: at least what
-    the clients received (the tokens in flight inside the dead ingress are billed too)."""
+    the clients received (the tokens in flight inside the dead ingress are billed too,
+    and no more once the caller watch stops those streams in the engine: the report's
+    `unreceived_of_cut_streams` is what they would have cost running on to the end)."""
     billed = r.tokens_billed if r.tokens_billed is not None else -1
     r.extra["billed_minus_received"] = billed - r.tokens_received
     r.check("every token received was billed", billed >= r.tokens_received,

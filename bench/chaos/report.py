@@ -79,6 +79,11 @@ def summarise(fault: str, records: list[ChaosRecord], fault_at: float) -> FaultR
     started = [r for r in at_fault if r.record.chunks and r.record.chunks[0] <= fault_at]
     unstarted = [r for r in at_fault if r not in started]
     counts = Counter(outcome(r) for r in records)
+    cut = [r for r in records if outcome(r) == "transport"]
+    # What the streams cut with their ingress had still to come: billed minus received
+    # would be this much had their model servers run them on to max_tokens.
+    extra = {"unreceived_of_cut_streams": sum(r.record.max_tokens - received_tokens(r)
+                                              for r in cut)} if cut else {}
     return FaultReport(
         fault=fault,
         requests=len(records),
@@ -94,6 +99,7 @@ def summarise(fault: str, records: list[ChaosRecord], fault_at: float) -> FaultR
         tokens_received=sum(received_tokens(r) for r in records),
         kv_blocks_idle=-1,
         seats_idle=-1,
+        extra=extra,
     )
 
 
