@@ -78,8 +78,9 @@ def summarise(fault: str, records: list[ChaosRecord], fault_at: float) -> FaultR
     at_fault = [r for r in records if r.record.send <= fault_at < r.record.end]
     started = [r for r in at_fault if r.record.chunks and r.record.chunks[0] <= fault_at]
     unstarted = [r for r in at_fault if r not in started]
-    counts = Counter(outcome(r) for r in records)
-    cut = [r for r in records if outcome(r) == "transport"]
+    ended = [outcome(r) for r in records]
+    counts = Counter(ended)
+    cut = [r for r, how in zip(records, ended, strict=True) if how == "transport"]
     # What the streams cut with their ingress had still to come: billed minus received
     # would be this much had their model servers run them on to max_tokens.
     extra = {"unreceived_of_cut_streams": sum(r.record.max_tokens - received_tokens(r)
